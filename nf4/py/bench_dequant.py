@@ -7,7 +7,8 @@ For every benchmark shape and output dtype it first checks parity (ours == bitsa
 `dequantize_4bit`, bit for bit, fresh random weights; plus f32 output and the non-nested
 state), then times the three implementations with CUDA events (median of many), two ways:
 - eager: one event pair around each call, as a training loop sees it (includes launch
-  and Python overhead when those exceed the kernel);
+  and Python overhead when those exceed the kernel; ours and the Unsloth-style path are
+  called with prebuilt ctypes arguments, bitsandbytes through its public API);
 - graph: 20 calls captured in a CUDA graph, replayed, time / 20 (device time only).
 Weights rotate among enough copies that every call reads from HBM, not L2.
 Exits non-zero if any parity check fails.
@@ -59,6 +60,30 @@ def ours_dequant(packed, qs, out, offset=None):
         raise RuntimeError(ours.nf4_last_error().decode())
 
 
+def ours_prepare(packed, qs, out, offset, s):
+    """Arguments built once, so the timed call is one ctypes call (as a C++ caller would be)."""
+    nested = qs.nested
+    args = (ptr(packed), ptr(qs.absmax), ptr(qs.state2.absmax) if nested else None, ptr(qs.state2.code) if nested else None,
+            offset if nested else 0.0, None, 0 if qs.quant_type == "nf4" else 1, out.numel(), qs.blocksize,
+            qs.state2.blocksize if nested else 0, ptr(out), OUT_CODE[out.dtype], s)
+    f = ours.nf4_dequantize
+    return lambda: f(*args)
+
+
+def unsloth_prepare(un, packed, qs, out, s):
+    """Unsloth's fast_dequantize with its arguments built once, likewise."""
+    a1 = (ptr(qs.state2.code), ptr(qs.absmax), ptr(qs.state2.absmax), ptr(un.absmax32),
+          ctypes.c_int(qs.state2.blocksize), ctypes.c_int(qs.absmax.numel()), s)
+    a2 = (None, ptr(packed), ptr(un.absmax32), ptr(out), ctypes.c_int(qs.blocksize), ctypes.c_int(out.numel()), s)
+    f1, f2, absmax32, offset = bnblib.cdequantize_blockwise_fp32, un.fn, un.absmax32, qs.offset
+
+    def call():
+        f1(*a1)
+        absmax32.add_(offset)
+        f2(*a2)
+    return call
+
+
 class UnslothStyle:
     """Unsloth's fast_dequantize: 8-bit absmax dequant to fp32, += offset, NF4 kernel; buffers preallocated."""
 
@@ -105,27 +130,31 @@ def median(xs):
     return xs[len(xs) // 2]
 
 
-def time_eager(fn, sets, reps=200, warmup=20):
+def time_eager(prepare, sets, reps=200, warmup=20):
+    """`prepare(set, stream)` returns a no-argument callable that enqueues one dequantization."""
+    calls = [prepare(st, stream()) for st in sets]
     for i in range(warmup):
-        fn(*sets[i % len(sets)])
+        calls[i % len(calls)]()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for i, (a, b) in enumerate(ev):
-        a.record(); fn(*sets[i % len(sets)]); b.record()
+        a.record(); calls[i % len(calls)](); b.record()
     torch.cuda.synchronize()
     return median([a.elapsed_time(b) * 1e3 for a, b in ev])
 
 
-def time_graph(fn, sets, per_graph=20, reps=30):
+def time_graph(prepare, sets, per_graph=20, reps=30):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
+        calls = [prepare(st, stream()) for st in sets]
         for i in range(3):
-            fn(*sets[i % len(sets)])
+            calls[i % len(calls)]()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
+        calls = [prepare(st, stream()) for st in sets]
         for i in range(per_graph):
-            fn(*sets[i % len(sets)])
+            calls[i % len(calls)]()
     for _ in range(3):
         g.replay()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -175,9 +204,9 @@ for (r, c) in SHAPES:
         floor_us = bytes_per_call / (gbps * 1e9) * 1e6
         row = {"shape": [r, c], "dtype": dname, "parity": ok, "copies": copies, "floor_us": floor_us}
         for mode, timer in (("eager", time_eager), ("graph", time_graph)):
-            row[f"bnb_{mode}_us"] = timer(lambda p, q: F.dequantize_4bit(p, q), sets_bnb)
-            row[f"unsloth_{mode}_us"] = timer(un, sets_un)
-            row[f"ours_{mode}_us"] = timer(ours_dequant, sets_ours)
+            row[f"bnb_{mode}_us"] = timer(lambda st, s: (lambda: F.dequantize_4bit(*st)), sets_bnb)
+            row[f"unsloth_{mode}_us"] = timer(lambda st, s: unsloth_prepare(un, *st, s), sets_un)
+            row[f"ours_{mode}_us"] = timer(lambda st, s: ours_prepare(*st, s), sets_ours)
         results["rows"].append(row)
         print(f"{r}x{c} {dname}: parity={'ok' if ok else 'FAIL'}  graph: ours {row['ours_graph_us']:.1f} us, "
               f"unsloth {row['unsloth_graph_us']:.1f}, bnb {row['bnb_graph_us']:.1f}, floor {floor_us:.1f} | eager: ours "

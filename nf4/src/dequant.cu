@@ -17,8 +17,8 @@
 // bytes / copy bandwidth (3020 GB/s measured on the H100): 8192x8192 -> 55.9 us.
 //
 // Work split: a "unit" is 8 consecutive elements = 4 packed bytes = one 32-bit load and,
-// for 16-bit outputs, one 16-byte store. Thread t of a block handles units
-// base + k*THREADS + t for k < UNITS, so every load and store instruction of a warp touches
+// for 16-bit outputs, one 16-byte store. Lane l of a warp handles units
+// base + k*32 + l for k < UNITS, so every load and store instruction of a warp touches
 // one contiguous span (coalesced), and UNITS loads are in flight before the first use.
 // A unit never straddles an absmax block (blocksize >= 32 is a multiple of 8).
 // The tail (a partial last unit), misaligned pointers and the legacy transposed layout take
@@ -33,14 +33,31 @@
 // and are copied to shared memory once per block; the grid is persistent (a few blocks
 // per SM, grid-stride over tiles) so that copy is paid once per block, not once per tile.
 //
-// History (H100, 8192x8192 bf16, floor 56 us): v1 one tile per block, __constant__
-// tables, integer bf16 rounding, UNITS=4: 90.7 us (62% of copy bandwidth).
+// History (H100, 8192x8192 bf16 nested, floor 56 us; bench/RESULTS.md has the sweep):
+// v1 one tile per block, __constant__ tables, integer bf16 rounding, UNITS=4: 90.7 us (62%).
+// v2 persistent grid, global tables, cvt.rn.bf16x2, UNITS=8: 76.0 us (74%).
+// v3 occupancy-sized grid, nested/plain as separate kernels, tail split from the vector
+//    loop (48 registers, no spills): 71.0 us (79%); UNITS=4 with 8 blocks/SM: 68.0 (83%).
+// v4 work dealt per warp instead of per block (finer last wave), UNITS=4, evict-first
+//    stores, compiler's register choice (40, 6 blocks/SM): 66.4 us (84%) in the sweep's
+//    per-call timing, 63.2 us (89%) from a CUDA graph. Tried and kept only as sweep
+//    variants: 16-byte lane-contiguous loads (LAYOUT 1: uncoalesced stores, 47%), 16-byte
+//    loads with shuffled stores (LAYOUT 2: same as 0), equal per-warp shares (LAYOUT 3:
+//    3-5% slower on an H200), 32-register caps (spills, slower on large tensors).
+// A kernel with this exact traffic and no decoding reaches 83% of copy bandwidth in the
+// same per-call timing: the decode is hidden; what is left is the 1:4 read:write mix.
 
 #ifndef UNITS
 #define UNITS 8
 #endif
 #ifndef MIN_BLOCKS  // __launch_bounds__ min blocks per SM (caps registers); 0 = let ptxas choose
 #define MIN_BLOCKS 0
+#endif
+#ifndef LAYOUT  // 0: lanes interleave 4-byte loads; 1: a lane owns 32 elements (16-byte load,
+                 //    4 consecutive stores); 2: 16-byte loads, units exchanged by warp shuffles
+                 //    so that stores stay coalesced; 3: as 0, but each warp owns one contiguous,
+                 //    equal share of the units (no partly filled last round across the grid)
+#define LAYOUT 0
 #endif
 #ifndef STREAM_STORES  // 1: st.global.cs (evict-first) for the output, which nobody re-reads soon
 #define STREAM_STORES 0
@@ -131,6 +148,45 @@ __device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, c
     return __ldg((const float*)absmax + b);
 }
 
+// Decodes one unit (8 elements, packed in `word`) with block absmax `a` and stores it.
+template <int OUT>
+__device__ __forceinline__ void decode_store(void* __restrict__ out, u64 u, u32 word, float a, const float* s_code) {
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const u32 byte = (word >> (8 * j)) & 0xffu;
+        v[2 * j] = mul_ftz(s_code[byte >> 4], a);
+        v[2 * j + 1] = mul_ftz(s_code[byte & 0xfu], a);
+    }
+    store_unit<OUT>(out, u, v);
+}
+
+// One round of a lane: units base + k*32 (k < UNITS) below `limit`. All loads are issued
+// before the first use, so UNITS of them are in flight.
+template <int OUT, bool NESTED>
+__device__ __forceinline__ void unit_round(const u8* __restrict__ packed, const void* __restrict__ absmax,
+                                           const float* __restrict__ absmax2, const float* s_code2, const float* s_code,
+                                           float offset, u32 log2_bs, u32 log2_bs2, u64 base, u64 limit,
+                                           void* __restrict__ out) {
+    u32 w[UNITS];
+    float am[UNITS];
+#pragma unroll
+    for (int k = 0; k < UNITS; k++) {
+        const u64 u = base + (u64)k * 32;
+        w[k] = u < limit ? __ldg((const u32*)packed + u) : 0u;
+    }
+#pragma unroll
+    for (int k = 0; k < UNITS; k++) {
+        const u64 u = base + (u64)k * 32;
+        am[k] = u < limit ? block_absmax<NESTED>(absmax, absmax2, s_code2, offset, (u << 3) >> log2_bs, log2_bs2) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < UNITS; k++) {
+        const u64 u = base + (u64)k * 32;
+        if (u < limit) decode_store<OUT>(out, u, w[k], am[k], s_code);
+    }
+}
+
 template <int OUT, bool NESTED>
 __device__ __forceinline__ void dequant(
     const u8* __restrict__ packed, const void* __restrict__ absmax, const float* __restrict__ absmax2,
@@ -146,39 +202,66 @@ __device__ __forceinline__ void dequant(
     __syncthreads();
 
     const u64 nunits = (n + 7) >> 3;
-    const u64 full_units = aligned ? (n >> 3) : 0;  // units that take the vector path
+    // Units that take the vector path (LAYOUT 1/2 work in chunks of 4 units = 16 packed bytes).
+    const u64 full_units = aligned ? ((LAYOUT == 0 || LAYOUT == 3) ? (n >> 3) : ((n >> 5) << 2)) : 0;
+#if LAYOUT == 3
+    {
+        const u32 lane = threadIdx.x & 31;
+        const u64 n_warps = (u64)gridDim.x * (THREADS / 32);
+        const u64 warp = (u64)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);
+        const u64 share = ((full_units + n_warps - 1) / n_warps + 31) & ~31ull;  // multiple of 32 units
+        const u64 begin = warp * share;
+        const u64 end = min(begin + share, full_units);
+        for (u64 base = begin + lane; base < end; base += 32ull * UNITS)
+            unit_round<OUT, NESTED>(packed, absmax, absmax2, s_code2, s_code, offset, log2_bs, log2_bs2, base, end, out);
+    }
+#elif LAYOUT == 0
 
     // Vector path: whole units, 32-bit loads, 16-byte stores, UNITS loads in flight.
-    const u64 tile = (u64)THREADS * UNITS;
-    for (u64 base = (u64)blockIdx.x * tile + threadIdx.x; base < full_units; base += (u64)gridDim.x * tile) {
-        u32 w[UNITS];
-        float am[UNITS];
+    // Work is dealt out per warp (tiles of 32 * UNITS units, grid-striding over warps), a
+    // finer grain than per block, so the last wave leaves few SMs idle on small tensors.
+    const u32 lane = threadIdx.x & 31;
+    const u64 warp_tile = 32ull * UNITS;
+    const u64 n_warps = (u64)gridDim.x * (THREADS / 32);
+    for (u64 base = ((u64)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * warp_tile + lane; base < full_units;
+         base += n_warps * warp_tile)
+        unit_round<OUT, NESTED>(packed, absmax, absmax2, s_code2, s_code, offset, log2_bs, log2_bs2, base, full_units, out);
+
+#else
+    // LAYOUT 1/2: lane-contiguous 16-byte loads; one absmax per chunk (32 elements never
+    // straddle a block: blocksize >= 32 and chunks are aligned).
+    const u32 lane = threadIdx.x & 31;
+    const u64 full_chunks = full_units >> 2;
+    const u64 n_warps = (u64)gridDim.x * (THREADS / 32);
+    for (u64 wbase = ((u64)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * 32; wbase < full_chunks; wbase += n_warps * 32) {
+        const u64 c = wbase + lane;
+        const uint4 q = c < full_chunks ? __ldg((const uint4*)packed + c) : make_uint4(0, 0, 0, 0);
+#if LAYOUT == 2
+        if (wbase + 32 <= full_chunks) {  // warp-uniform: every lane has a chunk
 #pragma unroll
-        for (int k = 0; k < UNITS; k++) {
-            const u64 u = base + (u64)k * THREADS;
-            w[k] = u < full_units ? __ldg((const u32*)packed + u) : 0u;
-        }
-#pragma unroll
-        for (int k = 0; k < UNITS; k++) {
-            const u64 u = base + (u64)k * THREADS;
-            am[k] = u < full_units ? block_absmax<NESTED>(absmax, absmax2, s_code2, offset, (u << 3) >> log2_bs, log2_bs2)
-                                   : 0.0f;
-        }
-#pragma unroll
-        for (int k = 0; k < UNITS; k++) {
-            const u64 u = base + (u64)k * THREADS;
-            if (u < full_units) {
-                float v[8];
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const u32 byte = (w[k] >> (8 * j)) & 0xffu;
-                    v[2 * j] = mul_ftz(s_code[byte >> 4], am[k]);
-                    v[2 * j + 1] = mul_ftz(s_code[byte & 0xfu], am[k]);
-                }
-                store_unit<OUT>(out, u, v);
+            for (int k = 0; k < 4; k++) {
+                // Store k of this lane writes unit U = 4*wbase + 32k + lane, whose packed word
+                // is word (lane % 4) of chunk wbase + 8k + lane / 4.
+                const int src = 8 * k + (lane >> 2);
+                const u32 t0 = __shfl_sync(0xffffffffu, q.x, src), t1 = __shfl_sync(0xffffffffu, q.y, src);
+                const u32 t2 = __shfl_sync(0xffffffffu, q.z, src), t3 = __shfl_sync(0xffffffffu, q.w, src);
+                const u32 sel = lane & 3;
+                const u32 word = sel == 0 ? t0 : sel == 1 ? t1 : sel == 2 ? t2 : t3;
+                const u64 u = 4 * wbase + 32 * k + lane;
+                const float a = block_absmax<NESTED>(absmax, absmax2, s_code2, offset, (u << 3) >> log2_bs, log2_bs2);
+                decode_store<OUT>(out, u, word, a, s_code);
             }
+            continue;
+        }
+#endif
+        if (c < full_chunks) {
+            const float a = block_absmax<NESTED>(absmax, absmax2, s_code2, offset, (c << 5) >> log2_bs, log2_bs2);
+            const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) decode_store<OUT>(out, 4 * c + k, words[k], a, s_code);
         }
     }
+#endif
 
     // Scalar path: the tail, misaligned pointers, the legacy transposed layout.
     for (u64 u = full_units + (u64)blockIdx.x * THREADS + threadIdx.x; u < nunits; u += (u64)gridDim.x * THREADS) {

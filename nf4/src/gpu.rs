@@ -33,17 +33,31 @@ pub struct Variant {
     pub min_blocks: u32,
     /// Evict-first (`st.global.cs`) stores for the output.
     pub stream_stores: bool,
+    /// Access layout (see `dequant.cu`): 0 interleaved 4-byte loads, 1 lane-contiguous
+    /// 16-byte loads, 2 16-byte loads with warp-shuffled coalesced stores, 3 as 0 with an
+    /// equal contiguous share per warp.
+    pub layout: u32,
 }
 
 impl Variant {
     /// A short label, e.g. `u8-b0-cs`.
     pub fn label(&self) -> String {
-        format!("u{}-b{}{}", self.units, self.min_blocks, if self.stream_stores { "-cs" } else { "" })
+        format!("L{}-u{}-b{}{}", self.layout, self.units, self.min_blocks, if self.stream_stores { "-cs" } else { "" })
     }
 }
 
+/// The builds `nf4-bench gpu` sweeps (and the GPU tests check against the CPU reference).
+pub const TUNING_VARIANTS: [Variant; 6] = [
+    Variant { units: 4, min_blocks: 0, stream_stores: true, layout: 0 },
+    Variant { units: 8, min_blocks: 8, stream_stores: true, layout: 0 },
+    Variant { units: 4, min_blocks: 0, stream_stores: true, layout: 2 },
+    Variant { units: 4, min_blocks: 0, stream_stores: true, layout: 3 },
+    Variant { units: 2, min_blocks: 0, stream_stores: true, layout: 3 },
+    Variant { units: 8, min_blocks: 0, stream_stores: true, layout: 3 },
+];
+
 /// The build [`launch_dequant`] uses.
-pub const DEFAULT_VARIANT: Variant = Variant { units: 8, min_blocks: 0, stream_stores: false };
+pub const DEFAULT_VARIANT: Variant = Variant { units: 4, min_blocks: 0, stream_stores: true, layout: 0 };
 
 fn table(name: &str, bits: impl Iterator<Item = u32>) -> String {
     let v: Vec<String> = bits.map(|b| format!("0x{b:08x}u")).collect();
@@ -54,8 +68,8 @@ fn table(name: &str, bits: impl Iterator<Item = u32>) -> String {
 /// Variants other than [`DEFAULT_VARIANT`] exist for the benchmark's tuning sweep.
 pub fn source_variant(v: Variant) -> KernelSource {
     let mut src = format!(
-        "#define UNITS {}\n#define MIN_BLOCKS {}\n#define STREAM_STORES {}\n",
-        v.units, v.min_blocks, v.stream_stores as u32
+        "#define UNITS {}\n#define MIN_BLOCKS {}\n#define STREAM_STORES {}\n#define LAYOUT {}\n",
+        v.units, v.min_blocks, v.stream_stores as u32, v.layout
     );
     src += &table("NF4_BITS", NF4_CODE.iter().map(|x| x.to_bits()));
     src += &table("FP4_BITS", FP4_CODE.iter().map(|x| x.to_bits()));
@@ -121,15 +135,15 @@ pub fn grid_for(n: u64, units: u32, resident: u32) -> u32 {
 /// [`DequantArgs`], and `stream` a stream of the current context (or null). The
 /// arguments that can be checked without the buffers' sizes are checked here.
 pub unsafe fn launch_dequant(a: &DequantArgs, stream: sys::CUstream) -> Result<(), GpuError> {
-    launch_dequant_with(source(), DEFAULT_VARIANT.units, a, stream)
+    launch_dequant_with(source(), DEFAULT_VARIANT, a, stream)
 }
 
 /// [`launch_dequant`] with another build of the kernel (the benchmark's tuning sweep).
 ///
 /// # Safety
-/// As [`launch_dequant`]; `units` must be the value `src` was built with.
+/// As [`launch_dequant`]; `v` must be the variant `src` was built from.
 #[doc(hidden)]
-pub unsafe fn launch_dequant_with(src: &KernelSource, units: u32, a: &DequantArgs, stream: sys::CUstream) -> Result<(), GpuError> {
+pub unsafe fn launch_dequant_with(src: &KernelSource, v: Variant, a: &DequantArgs, stream: sys::CUstream) -> Result<(), GpuError> {
     if !BLOCKSIZES.contains(&(a.blocksize as usize)) {
         return Err(invalid("blocksize", format!("{} is not one of {:?}", a.blocksize, BLOCKSIZES)));
     }
@@ -151,7 +165,8 @@ pub unsafe fn launch_dequant_with(src: &KernelSource, units: u32, a: &DequantArg
         None => (0, 0),
     };
     let out_align = 16;
-    let aligned = (a.transposed.is_none() && a.packed % 4 == 0 && a.out % out_align == 0) as i32;
+    let load_align = if v.layout == 0 || v.layout == 3 { 4 } else { 16 };
+    let aligned = (a.transposed.is_none() && a.packed % load_align == 0 && a.out % out_align == 0) as i32;
     let name = match (nested, a.out_dtype) {
         (false, FloatDtype::F32) => "nf4_dequant_f32",
         (false, FloatDtype::F16) => "nf4_dequant_f16",
@@ -193,7 +208,12 @@ pub unsafe fn launch_dequant_with(src: &KernelSource, units: u32, a: &DequantArg
         &mut out as *mut u64 as *mut c_void,
     ];
     let resident = kernel::resident_blocks(f, THREADS)?;
-    kernel::launch(f, grid_for(a.n, units, resident), THREADS, 0, stream, &mut params)
+    let units_per_thread = match v.layout {
+        0 => v.units,
+        3 => 1, // equal shares: use every resident block as long as each warp gets >= 32 units
+        _ => 4,
+    };
+    kernel::launch(f, grid_for(a.n, units_per_thread, resident), THREADS, 0, stream, &mut params)
 }
 
 /// A quantized tensor resident on a GPU.

@@ -44,6 +44,11 @@ fn kernel_compiles_for_every_supported_arch() {
         let arch = Arch { major, minor };
         cudakit::kernel::compile_ptx(nf4::gpu::source(), arch).unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
     }
+    for v in nf4::gpu::TUNING_VARIANTS {
+        for arch in [Arch::SM75, Arch { major: 9, minor: 0 }] {
+            cudakit::kernel::compile_ptx(&nf4::gpu::source_variant(v), arch).unwrap_or_else(|e| panic!("{} sm_{arch}: {e}", v.label()));
+        }
+    }
 }
 
 #[test]
@@ -91,6 +96,49 @@ fn gpu_equals_cpu_on_benchmark_shapes() {
         let x: Vec<bf16> = rng.normal_vec(r * c, 0.02);
         let q = nf4::quantize("w", &x, &[r, c], &QuantizeOptions::default()).unwrap();
         check_all_dtypes(&gpu, &format!("{r}x{c} nf4 nested"), &q);
+    }
+}
+
+#[test]
+fn every_tuning_variant_equals_the_cpu() {
+    let Some(gpu) = gpu_or_skip("every_tuning_variant_equals_the_cpu") else { return };
+    let mut rng = Rng::fresh("every_tuning_variant_equals_the_cpu");
+    let s = gpu.stream();
+    // Sizes: one warp tile short, a ragged tail, and enough for several grid-stride rounds.
+    for (n, nested, bs) in [(1001usize, true, 32usize), (40_000 + 24, false, 64), (3_000_000 + 17, true, 64)] {
+        let x: Vec<bf16> = rng.normal_vec(n, 0.1);
+        let q = nf4::quantize("w", &x, &[n], &QuantizeOptions { nested, blocksize: bs, ..Default::default() }).unwrap();
+        let cpu: Vec<bf16> = nf4::dequantize("w", &q.packed, &q.state).unwrap();
+        let packed = s.clone_htod(&q.packed).unwrap();
+        let (absmax, absmax2, offset): (CudaSlice<u8>, Option<CudaSlice<f32>>, f32) = match &q.state.absmax {
+            Absmax::Plain(v) => (s.clone_htod(&v.iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<u8>>()).unwrap(), None, 0.0),
+            Absmax::Nested { q, absmax2, offset, .. } => (s.clone_htod(q).unwrap(), Some(s.clone_htod(absmax2).unwrap()), *offset),
+        };
+        for v in nf4::gpu::TUNING_VARIANTS {
+            let src = nf4::gpu::source_variant(v);
+            let mut out: CudaSlice<bf16> = unsafe { s.alloc::<bf16>(n) }.unwrap();
+            poison(s, &mut out).unwrap();
+            let args = DequantArgs {
+                packed: packed.device_ptr(s).0,
+                absmax: absmax.device_ptr(s).0,
+                absmax2: absmax2.as_ref().map_or(0, |a| a.device_ptr(s).0),
+                code2: 0,
+                offset,
+                code: 0,
+                quant_type: QuantType::Nf4,
+                n: n as u64,
+                blocksize: bs as u32,
+                nested_blocksize: 256,
+                transposed: None,
+                out: out.device_ptr_mut(s).0,
+                out_dtype: FloatDtype::Bf16,
+            };
+            gpu.bind().unwrap();
+            unsafe { nf4::gpu::launch_dequant_with(&src, v, &args, s.cu_stream()) }.unwrap();
+            let got = s.clone_dtoh(&out).unwrap();
+            let (a, b) = (bytes_of(&got), bytes_of(&cpu));
+            assert!(a == b, "{} n={n}: first diff {:?}", v.label(), first_diff(&a, &b, 2));
+        }
     }
 }
 

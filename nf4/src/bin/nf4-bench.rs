@@ -17,19 +17,27 @@ use std::time::Instant;
 use cudakit::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use cudakit::timing::{median, time_us};
 use half::bf16;
-use nf4::gpu::{launch_dequant_with, source_variant, DequantArgs, Variant};
+use nf4::gpu::{launch_dequant_with, source_variant, DequantArgs};
 use nf4::testing::Rng;
 use nf4::{FloatDtype, QuantizeOptions};
 
 const USAGE: &str = "usage: nf4-bench (cpu|gpu) --json FILE | nf4-bench ptx DIR [SM]\n\n  cpu  CPU quantize/dequantize throughput vs memcpy bandwidth\n  gpu  CUDA dequant kernel sweep vs device copy bandwidth (exit 3 if no GPU)\n  ptx  write the kernel's PTX per UNITS variant for arch SM (default 90)";
-const VARIANTS: [Variant; 6] = [
-    Variant { units: 8, min_blocks: 0, stream_stores: false },
-    Variant { units: 8, min_blocks: 8, stream_stores: false },
-    Variant { units: 8, min_blocks: 0, stream_stores: true },
-    Variant { units: 4, min_blocks: 8, stream_stores: true },
-    Variant { units: 16, min_blocks: 4, stream_stores: true },
-    Variant { units: 8, min_blocks: 8, stream_stores: true },
-];
+use nf4::gpu::TUNING_VARIANTS as VARIANTS;
+
+/// The same memory traffic as the dequant kernel (a 32-bit load per 8 elements, a 16-byte
+/// store, per-warp striding) with no decoding: what this read/write mix can reach at all.
+const CEILING: &str = r#"
+extern "C" __global__ void __launch_bounds__(256, 8) traffic_ceiling(const unsigned* __restrict__ in, uint4* __restrict__ out, unsigned long long units) {
+    const unsigned long long warps = (unsigned long long)gridDim.x * 8;
+    for (unsigned long long u = ((unsigned long long)blockIdx.x * 8 + (threadIdx.x >> 5)) * 128 + (threadIdx.x & 31); u < units; u += warps * 128) {
+        unsigned w[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = u + k * 32 < units ? __ldg(in + u + k * 32) : 0u;
+#pragma unroll
+        for (int k = 0; k < 4; k++) if (u + k * 32 < units) out[u + k * 32] = make_uint4(w[k], w[k] ^ 1u, w[k] ^ 2u, w[k] ^ 3u);
+    }
+}
+"#;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -150,6 +158,11 @@ fn cpu() -> Result<serde_json::Value, String> {
     Ok(serde_json::json!({"suite": "nf4-cpu", "cpu": host_name(), "threads": threads, "memcpy_GBps": copy_gbps, "rows": rows}))
 }
 
+fn rng_words(n: usize) -> Vec<u32> {
+    let mut r = Rng::new(99);
+    (0..n).map(|_| r.next_u64() as u32).collect()
+}
+
 fn gpu() -> Result<serde_json::Value, String> {
     let gpu = cudakit::Gpu::open(0).map_err(|e| e.to_string())?;
     let s = gpu.stream().clone();
@@ -162,7 +175,53 @@ fn gpu() -> Result<serde_json::Value, String> {
         .map_err(|e| e.to_string())?;
     let copy_gbps = 2.0 * n_bytes as f64 / (median(&mut t) * 1e-6) / 1e9;
     drop((a, b));
-    println!("{}: copy bandwidth {copy_gbps:.0} GB/s", gpu.info().name);
+    // Write-only bandwidth (memset), and the ceiling of the dequant kernel's 1:4 read:write mix.
+    let mut c: CudaSlice<u8> = s.alloc_zeros(n_bytes).map_err(e)?;
+    let mut t = time_us(&s, 3, 20, |_| {
+        let (p, _g) = c.device_ptr_mut(&s);
+        // SAFETY: writes exactly the buffer's bytes on its own stream.
+        unsafe { cudakit::cudarc::driver::result::memset_d8_async(p, 0x5a, n_bytes, s.cu_stream()) }
+            .map_err(cudakit::GpuError::driver("cuMemsetD8Async"))
+    })
+    .map_err(|e| e.to_string())?;
+    let memset_gbps = n_bytes as f64 / (median(&mut t) * 1e-6) / 1e9;
+    drop(c);
+    let ceiling_src = cudakit::KernelSource::new("nf4-bench/traffic_ceiling", CEILING);
+    gpu.bind().map_err(|e| e.to_string())?;
+    let f = cudakit::kernel::function_in_current_context(&ceiling_src, "traffic_ceiling").map_err(|e| e.to_string())?;
+    let resident = cudakit::kernel::resident_blocks(f, 256).map_err(|e| e.to_string())?;
+    let ceil_units: usize = 8192 * 8192 / 8;
+    let copies = 4;
+    let mut ceil_bufs = vec![];
+    for _ in 0..copies {
+        let i: CudaSlice<u32> = s.clone_htod(&rng_words(ceil_units)).map_err(e)?;
+        let o: CudaSlice<u8> = unsafe { s.alloc::<u8>(ceil_units * 16) }.map_err(e)?;
+        ceil_bufs.push((i, o));
+    }
+    let mut t = time_us(&s, 5, 50, |i| {
+        let (inp, out) = &mut ceil_bufs[i % copies];
+        let mut pi = inp.device_ptr(&s).0;
+        let mut po = out.device_ptr_mut(&s).0;
+        let mut nu = ceil_units as u64;
+        let mut params = [
+            &mut pi as *mut u64 as *mut std::ffi::c_void,
+            &mut po as *mut u64 as *mut std::ffi::c_void,
+            &mut nu as *mut u64 as *mut std::ffi::c_void,
+        ];
+        let grid = (ceil_units.div_ceil(128 * 8) as u32).min(resident);
+        // SAFETY: in holds `ceil_units` words, out `ceil_units` 16-byte units.
+        unsafe { cudakit::kernel::launch(f, grid, 256, 0, s.cu_stream(), &mut params) }
+    })
+    .map_err(|e| e.to_string())?;
+    let ceil_us = median(&mut t);
+    let ceil_bytes = ceil_units as f64 * 20.0;
+    let ceiling_gbps = ceil_bytes / (ceil_us * 1e-6) / 1e9;
+    drop(ceil_bufs);
+    println!(
+        "{}: copy {copy_gbps:.0} GB/s, memset (write only) {memset_gbps:.0} GB/s, 1:4 read:write traffic ceiling {ceiling_gbps:.0} GB/s ({:.0}% of copy)",
+        gpu.info().name,
+        100.0 * ceiling_gbps / copy_gbps
+    );
     let sources: Vec<_> = VARIANTS.iter().map(|&v| source_variant(v)).collect();
     let mut rng = Rng::new(7);
     let mut rows = vec![];
@@ -204,7 +263,7 @@ fn gpu() -> Result<serde_json::Value, String> {
                     out_dtype: FloatDtype::Bf16,
                 };
                 // SAFETY: buffers sized for n elements, nb blocks, nb/256 groups above.
-                unsafe { launch_dequant_with(src, v.units, &args, s.cu_stream()) }
+                unsafe { launch_dequant_with(src, *v, &args, s.cu_stream()) }
             })
             .map_err(|e| e.to_string())?;
             let us = median(&mut t);
@@ -216,5 +275,5 @@ fn gpu() -> Result<serde_json::Value, String> {
         rows.push(row);
     }
     let labels: Vec<String> = VARIANTS.iter().map(|v| v.label()).collect();
-    Ok(serde_json::json!({"suite": "nf4-gpu-sweep", "variants": labels, "default": nf4::gpu::DEFAULT_VARIANT.label(), "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "copy_GBps": copy_gbps, "rows": rows}))
+    Ok(serde_json::json!({"suite": "nf4-gpu-sweep", "memset_GBps": memset_gbps, "traffic_ceiling_GBps": ceiling_gbps, "traffic_ceiling_8192x8192_us": ceil_us, "variants": labels, "default": nf4::gpu::DEFAULT_VARIANT.label(), "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "copy_GBps": copy_gbps, "rows": rows}))
 }
