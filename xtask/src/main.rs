@@ -1,0 +1,132 @@
+//! Project automation. Run `cargo xtask help`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+mod bundle;
+mod report;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  bench [--from-device DIR]
+      Runs every benchmark suite that can run here and writes bench/results/*.json and
+      bench/RESULTS.md. CPU suites always run. GPU suites run when a GPU (driver, NVRTC,
+      device) is present, and the comparison against bitsandbytes / the Unsloth-style
+      path when python3 also imports torch and bitsandbytes; otherwise they are listed as
+      skipped, with the reason. Results measured elsewhere stay in RESULTS.md, each with
+      its card's name.
+      --from-device DIR [--tag NAME]: take the JSON a device run wrote (the $OUT files
+      of `bash bundle/run.sh`) into bench/results (or bench/results/NAME, for a run on
+      another card kept beside the main one), then regenerate RESULTS.md.
+
+  gpu-bundle
+      Builds, for a GPU machine without Rust: release binaries, libnf4.so, every test
+      executable, the Python scripts and a slim bitsandbytes (CUDA 13.0 library only) into
+      bundle/ (ignored by git, < 64 MiB), with bundle/run.sh to run there. See README.
+
+  help
+      This text.
+";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => bench(&args[1..]),
+        Some("gpu-bundle") => bundle::gpu_bundle(),
+        Some("help") | Some("-h") | Some("--help") | None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let results = root().join("bench/results");
+    std::fs::create_dir_all(&results)?;
+    if let Some(i) = args.iter().position(|a| a == "--from-device") {
+        let dir = PathBuf::from(args.get(i + 1).context("--from-device needs the folder the device run wrote")?);
+        let dest = match args.iter().position(|a| a == "--tag") {
+            Some(t) => results.join(args.get(t + 1).context("--tag needs a name")?),
+            None => results.clone(),
+        };
+        std::fs::create_dir_all(&dest)?;
+        let taken = report::ingest(&dir, &dest)?;
+        println!("took {} result file(s) from {}", taken, dir.display());
+        report::write_markdown(&results, &root().join("bench/RESULTS.md"), &[])?;
+        return Ok(());
+    }
+    let mut skipped: Vec<String> = vec![];
+    run(cargo().args(["build", "--release", "--quiet", "-p", "nf4", "--bin", "nf4-bench"]))?;
+    let exe = root().join("target/release/nf4-bench");
+
+    println!("== nf4: CPU dequantize/quantize throughput");
+    run(Command::new(&exe).args(["cpu", "--json"]).arg(results.join("nf4-cpu.json")))?;
+
+    println!("== nf4: GPU kernel sweep");
+    let out = Command::new(&exe).args(["gpu", "--json"]).arg(results.join("nf4-gpu-sweep.json")).output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let gpu_ok = match out.status.code() {
+        Some(0) => true,
+        Some(3) => {
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            skipped.push(format!("nf4 GPU suites (kernel sweep; ours vs bitsandbytes vs Unsloth-style): {why}"));
+            false
+        }
+        _ => bail!("nf4-bench gpu failed:\n{}", String::from_utf8_lossy(&out.stderr)),
+    };
+    if gpu_ok {
+        let py = root().join("bundle/py");
+        let probe = Command::new("python3")
+            .env("PYTHONPATH", &py)
+            .args(["-c", "import torch, bitsandbytes; assert torch.cuda.is_available()"])
+            .output();
+        match probe {
+            Ok(o) if o.status.success() => {
+                run(cargo().args(["build", "--release", "--quiet", "-p", "nf4", "--lib"]))?;
+                println!("== nf4: ours vs bitsandbytes vs Unsloth-style (Python, same process)");
+                run(Command::new("python3")
+                    .env("PYTHONPATH", &py)
+                    .arg(root().join("nf4/py/bench_dequant.py"))
+                    .arg(root().join("target/release/libnf4.so"))
+                    .arg(results.join("nf4-gpu-vs-bnb.json")))?;
+            }
+            _ => skipped.push(
+                "nf4 vs bitsandbytes / Unsloth-style: python3 here cannot import torch (with CUDA) and bitsandbytes \
+                 (run `cargo xtask gpu-bundle` for a slim bitsandbytes in bundle/py)"
+                    .into(),
+            ),
+        }
+    }
+    report::write_markdown(&results, &root().join("bench/RESULTS.md"), &skipped)?;
+    println!("wrote bench/RESULTS.md and bench/results/*.json");
+    if !skipped.is_empty() {
+        println!("\nSkipped on this machine:");
+        for s in &skipped {
+            println!("  - {s}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! bench/results/*.json -> bench/RESULTS.md.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// Files a device run writes under $OUT that belong in bench/results.
+const DEVICE_FILES: [&str; 3] = ["nf4-gpu-sweep.json", "nf4-gpu-vs-bnb.json", "nf4-interop.json"];
+
+pub fn ingest(dir: &Path, results: &Path) -> Result<usize> {
+    let mut n = 0;
+    for f in DEVICE_FILES {
+        let src = dir.join(f);
+        if src.exists() {
+            let text = std::fs::read_to_string(&src)?;
+            serde_json::from_str::<Value>(&text).with_context(|| format!("{} is not JSON", src.display()))?;
+            std::fs::write(results.join(f), text)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn load(results: &Path, name: &str) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(results.join(name)).ok()?).ok()
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+pub fn write_markdown(results: &Path, out: &Path, skipped: &[String]) -> Result<()> {
+    let mut md = String::new();
+    let mut others: Vec<std::path::PathBuf> = std::fs::read_dir(results)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    others.sort();
+    md += "# Benchmark results\n\n";
+    md += "Written by `cargo xtask bench` from `bench/results/*.json` (the raw numbers). GPU rows were \
+           measured on the device named in each section, with `bash bundle/run.sh bench` (see README); \
+           rerun with the same commands. Method: CUDA events, warm-up, median; inputs rotate over \
+           enough copies to exceed 4x L2, so every call reads HBM. `floor` = bytes moved / measured \
+           device copy bandwidth (2.516 B per element: 0.5 packed + 1/64 absmax code + 4/16384 absmax2 \
+           + 2 output).\n\n";
+
+    gpu_sections(&mut md, results, "");
+    for dir in &others {
+        let tag = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let _ = writeln!(md, "# Also measured: `{tag}`\n\nRaw JSON in `bench/results/{tag}/`.\n");
+        if let Ok(note) = std::fs::read_to_string(dir.join("NOTE.md")) {
+            let _ = writeln!(md, "{}\n", note.trim());
+        }
+        gpu_sections(&mut md, dir, "#");
+    }
+    cpu_section(&mut md, results);
+    if !skipped.is_empty() {
+        md += "## Skipped in the last local run\n\n";
+        for s in skipped {
+            let _ = writeln!(md, "- {s}");
+        }
+        md += "\n";
+    }
+    std::fs::write(out, md).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
+    if let Some(v) = load(results, "nf4-gpu-vs-bnb.json") {
+        let _ = writeln!(
+            md,
+            "##{deeper} nf4 dequant: ours vs bitsandbytes vs Unsloth-style ({}, copy {:.0} GB/s, bitsandbytes {}, torch {})\n",
+            v["device"].as_str().unwrap_or("?"),
+            f(&v, "copy_GBps"),
+            v["bitsandbytes"].as_str().unwrap_or("?"),
+            v["torch"].as_str().unwrap_or("?")
+        );
+        *md += "Double-quantized NF4, blocksize 64. *graph*: 20 calls replayed from a CUDA graph (device time); \
+               *eager*: one event pair per call from Python (what a training step sees, launch overhead included). \
+               Parity: our output equals bitsandbytes' `dequantize_4bit` bit for bit on fresh random weights (also f32 \
+               output and the non-nested state).\n\n";
+        *md += "| shape | dtype | parity | ours graph (us) | Unsloth-style graph | bnb graph | speedup vs Unsloth | vs bnb | % of copy BW | ours eager | Unsloth eager | bnb eager | eager speedup vs Unsloth |\n";
+        *md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        for r in v["rows"].as_array().into_iter().flatten() {
+            let (o, u, b) = (f(r, "ours_graph_us"), f(r, "unsloth_graph_us"), f(r, "bnb_graph_us"));
+            let (oe, ue, be) = (f(r, "ours_eager_us"), f(r, "unsloth_eager_us"), f(r, "bnb_eager_us"));
+            let _ = writeln!(
+                md,
+                "| {}x{} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2}x | {:.0}% | {:.1} | {:.1} | {:.1} | {:.2}x |",
+                r["shape"][0], r["shape"][1], r["dtype"].as_str().unwrap_or("?"),
+                if r["parity"] == true { "bit-identical" } else { "**DIFFERS**" },
+                o, u, b, u / o, b / o, 100.0 * f(r, "floor_us") / o, oe, ue, be, ue / oe
+            );
+        }
+        *md += "\n";
+    }
+    if let Some(v) = load(results, "nf4-gpu-sweep.json") {
+        let _ = writeln!(
+            md,
+            "##{deeper} nf4 kernel sweep ({}, sm_{}, copy {:.0} GB/s)\n",
+            v["device"].as_str().unwrap_or("?"),
+            v["arch"].as_str().unwrap_or("?"),
+            f(&v, "copy_GBps")
+        );
+        let _ = writeln!(
+            md,
+            "Ceilings on this card: device copy {:.0} GB/s; memset (write only) {:.0} GB/s; a kernel with exactly \
+             this kernel's traffic (a 4-byte load and a 16-byte store per 8 elements) and no decoding: {:.0} GB/s \
+             ({:.0}% of copy), {:.1} us at 8192x8192. Each call is timed with its own event pair here (launch gaps \
+             included), so these times run a few us above the CUDA-graph times of the table above.\n",
+            f(&v, "copy_GBps"),
+            f(&v, "memset_GBps"),
+            f(&v, "traffic_ceiling_GBps"),
+            100.0 * f(&v, "traffic_ceiling_GBps") / f(&v, "copy_GBps"),
+            f(&v, "traffic_ceiling_8192x8192_us")
+        );
+        let labels: Vec<String> =
+            v["variants"].as_array().into_iter().flatten().filter_map(|l| l.as_str().map(String::from)).collect();
+        let default = v["default"].as_str().unwrap_or("");
+        *md += "Variant `Lk-uU-bB[-cs]`: access layout k (see `nf4/src/dequant.cu`), U units of 8 elements per lane per \
+                round, `__launch_bounds__` min B blocks/SM (0: compiler's choice), `-cs`: evict-first stores. \
+                Cells: median us (% of copy bandwidth); the default at the time of the run is marked.\n\n";
+        *md += "| shape | floor (us) |";
+        for l in &labels {
+            let _ = write!(md, " {l}{} |", if l == default { " (default)" } else { "" });
+        }
+        *md += "\n|---|---|";
+        *md += &"---|".repeat(labels.len());
+        *md += "\n";
+        for r in v["rows"].as_array().into_iter().flatten() {
+            let _ = write!(md, "| {}x{} bf16 | {:.1} |", r["shape"][0], r["shape"][1], f(r, "floor_us"));
+            for l in &labels {
+                let _ = write!(md, " {:.1} ({:.0}%) |", f(r, &format!("{l}_us")), 100.0 * f(r, &format!("{l}_fraction_of_copy")));
+            }
+            *md += "\n";
+        }
+        *md += "\n";
+    }
+    if let Some(v) = load(results, "nf4-interop.json") {
+        let _ = writeln!(md, "##{deeper} nf4 interop: our checkpoints loaded by bitsandbytes (GPU machine)\n");
+        *md += "| weight | elements | bnb loads, dequant bit-identical | packed bytes differing from bnb's own quantization | absmax differing | offset ours / bnb |\n|---|---|---|---|---|---|\n";
+        for r in v.as_array().into_iter().flatten() {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} of {} | {} | {} / {} |",
+                r["weight"].as_str().unwrap_or("?"), r["elements"], r["bnb_loads_and_dequant_equal"],
+                r["packed_bytes_differing"], r["packed_bytes"], r["absmax_differing"], r["offset_ours"], r["offset_bnb"]
+            );
+        }
+        *md += "\n";
+    }
+}
+
+fn cpu_section(md: &mut String, results: &Path) {
+    if let Some(v) = load(results, "nf4-cpu.json") {
+        let _ = writeln!(
+            md,
+            "## nf4 on the CPU ({}, {} threads, memcpy {:.1} GB/s)\n",
+            v["cpu"].as_str().unwrap_or("?"),
+            v["threads"],
+            f(&v, "memcpy_GBps")
+        );
+        *md += "| shape | dequant (ms) | GB/s | % of memcpy | quantize (ms) | Melem/s |\n|---|---|---|---|---|---|\n";
+        for r in v["rows"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                md,
+                "| {}x{} bf16 nested | {:.1} | {:.1} | {:.0}% | {:.1} | {:.0} |",
+                r["shape"][0], r["shape"][1], f(r, "dequant_ms"), f(r, "dequant_GBps"),
+                100.0 * f(r, "dequant_fraction_of_memcpy"), f(r, "quantize_ms"), f(r, "quantize_Melem_per_s")
+            );
+        }
+        *md += "\n";
+    }
+}
