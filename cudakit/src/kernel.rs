@@ -216,3 +216,49 @@ pub unsafe fn launch(
     result::launch_kernel(f.0, (grid, 1, 1), (block, 1, 1), shared_bytes, stream, params)
         .map_err(GpuError::driver("cuLaunchKernel"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_keys_depend_on_name_and_text() {
+        let a = KernelSource::new("a", "x");
+        assert_eq!(a.key(), KernelSource::new("a", "x").key());
+        assert_ne!(a.key(), KernelSource::new("b", "x").key());
+        assert_ne!(a.key(), KernelSource::new("a", "y").key());
+        // The NUL separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(KernelSource::new("ab", "c").key(), KernelSource::new("a", "bc").key());
+    }
+
+    #[test]
+    fn missing_libraries_are_errors_not_panics() {
+        if !nvrtc_present() {
+            let e = compile_ptx(&KernelSource::new("t", "extern \"C\" __global__ void k() {}"), Arch::SM75).unwrap_err();
+            assert!(matches!(e, GpuError::NoNvrtc), "{e}");
+        }
+        if !driver_present() {
+            let e = function_in_current_context(&KernelSource::new("t", ""), "k").unwrap_err();
+            assert!(matches!(e, GpuError::NoDriver), "{e}");
+            assert!(matches!(crate::Gpu::open(0).unwrap_err(), GpuError::NoDriver));
+            assert!(matches!(crate::device_count().unwrap_err(), GpuError::NoDriver));
+        }
+    }
+
+    #[test]
+    fn compile_errors_carry_nvrtc_log() {
+        if !nvrtc_present() {
+            eprintln!("SKIPPED compile_errors_carry_nvrtc_log: no NVRTC");
+            return;
+        }
+        let e = compile_ptx(&KernelSource::new("broken", "this is not CUDA"), Arch::SM75).unwrap_err();
+        match e {
+            GpuError::Compile { kernel, arch, log } => {
+                assert_eq!(kernel, "broken");
+                assert_eq!(arch, "compute_75");
+                assert!(!log.is_empty());
+            }
+            other => panic!("{other}"),
+        }
+    }
+}

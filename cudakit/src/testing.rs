@@ -37,3 +37,20 @@ pub fn poison<T: cudarc::driver::DeviceRepr>(
     unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()) }
         .map_err(crate::GpuError::driver("cuMemsetD8Async"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skips_without_a_gpu_unless_required() {
+        if crate::Gpu::open(0).is_ok() {
+            return; // on a GPU machine there is nothing to skip
+        }
+        if gpu_required() {
+            assert!(std::panic::catch_unwind(|| gpu_or_skip("probe")).is_err(), "REQUIRE_GPU=1 must fail");
+        } else {
+            assert!(gpu_or_skip("probe").is_none());
+        }
+    }
+}

@@ -46,3 +46,15 @@ where
         .map(|(a, b)| a.elapsed_ms(b).map(|ms| ms as f64 * 1e3).map_err(GpuError::driver("cuEventElapsedTime")))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_empty_samples() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+}
