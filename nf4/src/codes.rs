@@ -83,9 +83,53 @@ pub const FP4_CODE: [f32; 16] = {
     t
 };
 
-/// bitsandbytes' NF4 decision tree (`dQuantizeNF4`): NaN falls through to code 0.
+/// The midpoints between neighbouring NF4 codes, exactly the f32 literals of bitsandbytes'
+/// `dQuantizeNF4` decision tree, sorted.
+const NF4_THRESHOLDS: [f32; 15] = [
+    -0.848_096_4,
+    -0.610_632_9,
+    -0.459_995_27,
+    -0.339_679_43,
+    -0.234_607_4,
+    -0.137_911_73,
+    -0.045_525_018,
+    0.039_790_15,
+    0.120_255_25,
+    0.203_521_25,
+    0.292_013_77,
+    0.389_312_54,
+    0.501_663_4,
+    0.642_786_9,
+    0.861_478_4,
+];
+
+/// The NF4 code of a normalised value. bitsandbytes' tree is a binary search over sorted
+/// thresholds with `x > t` at each node, so its answer is the number of thresholds `x`
+/// exceeds: the same comparisons, without the unpredictable branches (a test holds this to
+/// the literal tree). NaN exceeds none: code 0, as in the tree.
 #[inline(always)]
 pub fn nf4_quantize(x: f32) -> u8 {
+    NF4_THRESHOLDS.iter().map(|&t| (x > t) as u8).sum()
+}
+
+/// bitsandbytes' FP4 magnitude thresholds (`dQuantizeFP4`), sorted, and the code of each
+/// interval they bound.
+const FP4_THRESHOLDS: [f32; 7] = [0.002_604_17, 0.085_937_5, 0.208_333_33, 0.291_666_67, 0.416_666_7, 0.583_333, 0.833_333_3];
+const FP4_INTERVAL_CODE: [u8; 8] = [0b0000, 0b0001, 0b0110, 0b0111, 0b0100, 0b0101, 0b0010, 0b0011];
+
+/// The FP4 code of a normalised value: sign bit, then the interval of |x| (as above, the
+/// count of thresholds exceeded; equal to bitsandbytes' tree).
+#[inline(always)]
+pub fn fp4_quantize(x: f32) -> u8 {
+    let sign = if x < 0.0 { 0b1000 } else { 0 };
+    let a = x.abs();
+    let i: usize = FP4_THRESHOLDS.iter().map(|&t| (a > t) as usize).sum();
+    FP4_INTERVAL_CODE[i] + sign
+}
+
+/// bitsandbytes' NF4 decision tree (`dQuantizeNF4`), verbatim: the reference for
+/// [`nf4_quantize`]. NaN falls through to code 0.
+pub fn nf4_quantize_tree(x: f32) -> u8 {
     if x > 0.039_790_15 {
         if x > 0.389_312_54 {
             if x > 0.642_786_9 {
@@ -119,9 +163,9 @@ pub fn nf4_quantize(x: f32) -> u8 {
     }
 }
 
-/// bitsandbytes' FP4 decision tree (`dQuantizeFP4`): sign bit, then a search on |x|.
-#[inline(always)]
-pub fn fp4_quantize(x: f32) -> u8 {
+/// bitsandbytes' FP4 decision tree (`dQuantizeFP4`), verbatim: the reference for
+/// [`fp4_quantize`].
+pub fn fp4_quantize_tree(x: f32) -> u8 {
     let sign = if x < 0.0 { 0b1000 } else { 0 };
     let x = x.abs();
     let c = if x > 0.291_666_67 {
@@ -252,6 +296,28 @@ mod tests {
             assert_eq!(FP4_CODE[q], c, "code {i} = {c}");
         }
         assert_eq!(fp4_quantize(f32::NAN), 0);
+    }
+
+    #[test]
+    fn threshold_counts_equal_the_literal_trees() {
+        // Every threshold, its neighbours one ulp away, special values, and a dense sweep.
+        let mut xs = vec![0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.0, -1.0, 1e-40, -1e-40];
+        for &t in NF4_THRESHOLDS.iter().chain(&FP4_THRESHOLDS) {
+            for v in [t, -t] {
+                xs.extend([v, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits() - 1)]);
+            }
+        }
+        let mut s = 0x9e37_79b9u32;
+        for _ in 0..1_000_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            xs.push((s as f32 / u32::MAX as f32) * 2.4 - 1.2);
+        }
+        for x in xs {
+            assert_eq!(nf4_quantize(x), nf4_quantize_tree(x), "nf4 {x:e}");
+            assert_eq!(fp4_quantize(x), fp4_quantize_tree(x), "fp4 {x:e}");
+        }
     }
 
     #[test]

@@ -99,6 +99,12 @@ fn dequantize_flat_into<T: Element>(packed: &[u8], state: &QuantState, out: &mut
             let am = absmax[b];
             let table: [T; 16] = std::array::from_fn(|c| T::from_f32(mul_ftz(code[c], am)));
             let bytes = &packed[b * bs / 2..];
+            // 16-bit outputs: 32 table lookups per SSSE3 shuffle pair (see `simd`).
+            let done = simd::decode16(&table, bytes, block);
+            let (block, bytes) = (&mut block[done..], &bytes[done / 2..]);
+            if block.is_empty() {
+                continue;
+            }
             let last_byte = (block.len() - 1) / 2;
             let mut pairs = block.chunks_exact_mut(2);
             for (pair, &byte) in (&mut pairs).zip(bytes) {
@@ -110,6 +116,64 @@ fn dequantize_flat_into<T: Element>(packed: &[u8], state: &QuantState, out: &mut
             }
         }
     });
+}
+
+/// Table-lookup decoding with byte shuffles: a block's 16 rounded outputs are two 16-byte
+/// tables (low and high bytes), and `pshufb` looks 16 nibbles up in each at once. Same
+/// values as the scalar loop (it only moves precomputed table entries).
+mod simd {
+    use crate::element::{Element, FloatDtype};
+
+    /// Decodes as many leading elements of `out` as whole 16-byte groups of `bytes` allow
+    /// (32 elements each); returns how many it wrote (0 for f32 or without SSSE3).
+    pub fn decode16<T: Element>(table: &[T; 16], bytes: &[u8], out: &mut [T]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if T::DTYPE != FloatDtype::F32 && std::arch::is_x86_feature_detected!("ssse3") {
+                let groups = (out.len() / 32).min(bytes.len() / 16);
+                let bits: [u16; 16] = std::array::from_fn(|i| table[i].to_bits_u32() as u16);
+                // SAFETY: T is f16 or bf16 here (DTYPE is not F32), both `repr(transparent)`
+                // over u16, so the slice reinterpretation keeps size and alignment; SSSE3 was
+                // detected at run time.
+                unsafe {
+                    let out16 = std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u16, groups * 32);
+                    x86::decode(&bits, &bytes[..groups * 16], out16);
+                }
+                return groups * 32;
+            }
+        }
+        let _ = (table, bytes, out);
+        0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// `out.len() == 2 * bytes.len()`, `bytes.len()` a multiple of 16.
+        #[target_feature(enable = "ssse3")]
+        pub unsafe fn decode(table: &[u16; 16], bytes: &[u8], out: &mut [u16]) {
+            let lo: [u8; 16] = std::array::from_fn(|i| table[i] as u8);
+            let hi: [u8; 16] = std::array::from_fn(|i| (table[i] >> 8) as u8);
+            let lo_t = _mm_loadu_si128(lo.as_ptr() as *const __m128i);
+            let hi_t = _mm_loadu_si128(hi.as_ptr() as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            for (src, dst) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
+                let b = _mm_loadu_si128(src.as_ptr() as *const __m128i);
+                let first = _mm_and_si128(_mm_srli_epi16(b, 4), mask); // element 2j: high nibble
+                let second = _mm_and_si128(b, mask); // element 2j + 1: low nibble
+                let idx_a = _mm_unpacklo_epi8(first, second); // elements 0..16
+                let idx_b = _mm_unpackhi_epi8(first, second); // elements 16..32
+                let (la, ha) = (_mm_shuffle_epi8(lo_t, idx_a), _mm_shuffle_epi8(hi_t, idx_a));
+                let (lb, hb) = (_mm_shuffle_epi8(lo_t, idx_b), _mm_shuffle_epi8(hi_t, idx_b));
+                let p = dst.as_mut_ptr() as *mut __m128i;
+                _mm_storeu_si128(p, _mm_unpacklo_epi8(la, ha));
+                _mm_storeu_si128(p.add(1), _mm_unpackhi_epi8(la, ha));
+                _mm_storeu_si128(p.add(2), _mm_unpacklo_epi8(lb, hb));
+                _mm_storeu_si128(p.add(3), _mm_unpackhi_epi8(lb, hb));
+            }
+        }
+    }
 }
 
 fn transpose<T: Copy>(flat: &[T], rows: usize, cols: usize) -> Vec<T> {
