@@ -271,14 +271,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 /// The tensors bitsandbytes would write for `weight`. Validates the state first, so a
 /// file we write always reads back (no `NaN` offset in the JSON, no short absmax).
 pub fn to_tensors(weight: &str, q: &Quantized) -> Result<Vec<OwnedTensor>> {
-    q.state.validate(weight)?;
-    if q.packed.len() < q.state.packed_len() {
-        return Err(Nf4Error::field(
-            weight,
-            "weight",
-            format!("packed data holds {} bytes but shape {:?} needs {}", q.packed.len(), q.state.shape, q.state.packed_len()),
-        ));
-    }
+    q.state.validate_with_packed(weight, q.packed.len())?;
     let st = &q.state;
     let mut out = vec![
         (weight.to_string(), st.storage.dtype, st.storage.shape.clone(), q.packed.clone()),

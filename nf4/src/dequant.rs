@@ -13,22 +13,6 @@ use crate::element::{mul_ftz, Element};
 use crate::error::{Nf4Error, Result};
 use crate::state::QuantState;
 
-fn check_packed(tensor: &str, packed: &[u8], state: &QuantState) -> Result<()> {
-    if packed.len() < state.packed_len() {
-        return Err(Nf4Error::field(
-            tensor,
-            "weight",
-            format!(
-                "packed data holds {} bytes but shape {:?} needs {}",
-                packed.len(),
-                state.shape,
-                state.packed_len()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 #[inline(always)]
 fn nibble(packed: &[u8], i: usize) -> usize {
     let b = packed[i >> 1];
@@ -38,8 +22,7 @@ fn nibble(packed: &[u8], i: usize) -> usize {
 /// The reference: one element at a time, no cleverness. Returns the output in
 /// [`QuantState::output_shape`] order.
 pub fn dequantize_reference<T: Element>(tensor: &str, packed: &[u8], state: &QuantState) -> Result<Vec<T>> {
-    state.validate(tensor)?;
-    check_packed(tensor, packed, state)?;
+    state.validate_with_packed(tensor, packed.len())?;
     let absmax = state.absmax.to_f32();
     let code = state.dequant_code();
     let n = state.numel();
@@ -53,8 +36,7 @@ pub fn dequantize_reference<T: Element>(tensor: &str, packed: &[u8], state: &Qua
 
 /// The fast path, into a caller's buffer of exactly `numel` elements.
 pub fn dequantize_into<T: Element>(tensor: &str, packed: &[u8], state: &QuantState, out: &mut [T]) -> Result<()> {
-    state.validate(tensor)?;
-    check_packed(tensor, packed, state)?;
+    state.validate_with_packed(tensor, packed.len())?;
     if out.len() != state.numel() {
         return Err(Nf4Error::field(
             tensor,
@@ -73,8 +55,7 @@ pub fn dequantize_into<T: Element>(tensor: &str, packed: &[u8], state: &QuantSta
 
 /// The fast path, allocating the output.
 pub fn dequantize<T: Element>(tensor: &str, packed: &[u8], state: &QuantState) -> Result<Vec<T>> {
-    state.validate(tensor)?;
-    check_packed(tensor, packed, state)?;
+    state.validate_with_packed(tensor, packed.len())?;
     let mut out = vec![T::from_f32(0.0); state.numel()];
     dequantize_into(tensor, packed, state, &mut out)?;
     Ok(out)

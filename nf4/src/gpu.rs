@@ -232,14 +232,7 @@ pub struct GpuQuantized {
 impl GpuQuantized {
     /// Validates and uploads `q` (named `name` in errors) to `gpu`.
     pub fn upload(gpu: &Gpu, name: &str, q: &Quantized) -> Result<GpuQuantized> {
-        q.state.validate(name)?;
-        if q.packed.len() < q.state.packed_len() {
-            return Err(Nf4Error::field(
-                name,
-                "weight",
-                format!("packed data holds {} bytes, shape {:?} needs {}", q.packed.len(), q.state.shape, q.state.packed_len()),
-            ));
-        }
+        q.state.validate_with_packed(name, q.packed.len())?;
         if let Absmax::Nested { blocksize2, .. } = &q.state.absmax {
             if !blocksize2.is_power_of_two() {
                 return Err(Nf4Error::field(name, "nested_blocksize", format!("{blocksize2} is not a power of two")));

@@ -216,6 +216,19 @@ impl QuantState {
         Ok(())
     }
 
+    /// [`QuantState::validate`], plus: `packed_bytes` holds every code (`ceil(n / 2)` bytes).
+    pub fn validate_with_packed(&self, tensor: &str, packed_bytes: usize) -> Result<()> {
+        self.validate(tensor)?;
+        if packed_bytes < self.packed_len() {
+            return Err(Nf4Error::field(
+                tensor,
+                "weight",
+                format!("packed data holds {packed_bytes} bytes but shape {:?} needs {}", self.shape, self.packed_len()),
+            ));
+        }
+        Ok(())
+    }
+
     /// A nested absmax from its parts with the default code book.
     pub fn nested_default(q: Vec<u8>, absmax2: Vec<f32>, offset: f32) -> Absmax {
         Absmax::Nested { q, absmax2, code2: Box::new(dynamic_map()), offset, blocksize2: NESTED_BLOCKSIZE }
