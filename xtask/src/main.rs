@@ -12,7 +12,8 @@ const HELP: &str = "\
 cargo xtask <command>
 
 Commands:
-  bench [--from-device DIR]
+  bench [SUITE...] [--from-device DIR [--tag NAME]]
+      SUITE: nf4 (the only one so far; none named = all).
       Runs every benchmark suite that can run here and writes bench/results/*.json and
       bench/RESULTS.md. CPU suites always run. GPU suites run when a GPU (driver, NVRTC,
       device) is present, and the comparison against bitsandbytes / the Unsloth-style
@@ -77,6 +78,12 @@ fn bench(args: &[String]) -> Result<()> {
         println!("took {} result file(s) from {}", taken, dir.display());
         report::write_markdown(&results, &root().join("bench/RESULTS.md"), &[])?;
         return Ok(());
+    }
+    const SUITES: [&str; 1] = ["nf4"];
+    for a in args.iter().filter(|a| !a.starts_with("--")) {
+        if !SUITES.contains(&a.as_str()) {
+            bail!("unknown suite `{a}`: the suites are {SUITES:?}");
+        }
     }
     let mut skipped: Vec<String> = vec![];
     run(cargo().args(["build", "--release", "--quiet", "-p", "nf4", "--bin", "nf4-bench"]))?;

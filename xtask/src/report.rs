@@ -175,3 +175,18 @@ fn cpu_section(md: &mut String, results: &Path) {
         *md += "\n";
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The report people read, from fixed JSON: reviewed with `cargo insta review`, never
+    /// rewritten silently (CI runs with `CI=true`, where insta refuses to write snapshots).
+    #[test]
+    fn results_markdown() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/results");
+        let out = std::env::temp_dir().join(format!("xtask-results-{}.md", std::process::id()));
+        super::write_markdown(&dir, &out, &["a suite: no GPU here".to_string()]).expect("renders");
+        let md = std::fs::read_to_string(&out).expect("written");
+        let _ = std::fs::remove_file(&out);
+        insta::assert_snapshot!(md);
+    }
+}
