@@ -1,0 +1,106 @@
+//! The auditor on real traces captured on the GPU machine (torch 2.11, H100) by
+//! `compile-audit/py/capture_traces.py`, trimmed by `trim_trace.py`:
+//! - clean: a transformer block, fullgraph, fixed shapes;
+//! - breaks: print + .item() branch, shapes changing with dynamic=False up to the
+//!   recompile limit (3);
+//! - qlora_gc: 2-layer Llama shape, bitsandbytes NF4 + PEFT LoRA, gradient checkpointing.
+
+use std::path::PathBuf;
+
+use compile_audit::gate::Gate;
+use compile_audit::{audit_paths, render, Report};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn audit(names: &[&str]) -> Report {
+    let paths: Vec<PathBuf> = names.iter().map(|n| fixture(n)).collect();
+    audit_paths(&paths).expect("fixtures are readable")
+}
+
+/// Report text without the machine-specific fixture paths.
+fn md(r: &Report) -> String {
+    let mut r = r.clone();
+    r.sources = r.sources.iter().map(|s| s.rsplit('/').next().unwrap_or(s).to_string()).collect();
+    r.issues.iter_mut().for_each(|i| i.what = i.what.rsplit('/').next().unwrap_or(&i.what).to_string());
+    render::markdown(&r)
+}
+
+#[test]
+fn clean_run_has_one_graph_and_nothing_else() {
+    let r = audit(&["clean.log", "clean_torch_logs.txt"]);
+    assert_eq!((r.graph_breaks, r.recompiles, r.graphs, r.fallbacks.len()), (0, 0, 1, 0));
+    assert_eq!(r.issue_count, 0, "{:?}", r.issues);
+    assert!(r.captured.matches("scaled_dot_product_attention"));
+    assert!(r.captured.matches("qkv"), "module paths from parameter inputs: {:?}", r.captured.modules);
+    assert_eq!(r.logs.as_ref().map(|l| l.graph_breaks), Some(0));
+    insta::assert_snapshot!("clean", md(&r));
+}
+
+#[test]
+fn breaks_and_recompiles_up_to_the_limit() {
+    let r = audit(&["breaks.log", "breaks_torch_logs.txt"]);
+    assert_eq!(r.graph_breaks, 6);
+    let ids: Vec<_> = r.breaks.iter().filter_map(|b| b.registry_id.clone()).collect();
+    assert_eq!(ids, ["GB0059", "GB0124"]);
+    assert!(r.breaks[0].location.as_deref().unwrap().ends_with("capture_traces.py:41"));
+    assert!(!r.breaks[0].hints.is_empty() && r.breaks[0].explanation.is_some());
+    // 0/1, 0/2, 0/3 (refused by the limit), 1/1, 1/2, 2/1, 2/2: as many as TORCH_LOGS printed.
+    assert_eq!(r.recompiles, 7);
+    assert_eq!(r.logs.as_ref().map(|l| l.recompiles), Some(7));
+    assert!(r.recompile_reasons.iter().any(|rc| rc.reasons.iter().any(|s| s.contains("size mismatch at index 1"))));
+    assert_eq!(r.recompile_limit_hits(), 1);
+    assert_eq!(r.fallbacks[0].frame, "forward");
+    assert_eq!(r.logs.as_ref().map(|l| l.recompile_limit_hits), Some(1));
+    insta::assert_snapshot!("breaks", md(&r));
+}
+
+#[test]
+fn qlora_gradient_checkpointing_breaks_on_requires_grad() {
+    let r = audit(&["qlora_gc.log"]);
+    // The stock measurement (ARCHITECTURE.md): 5 breaks, "Unsupported Tensor.requires_grad_() call".
+    assert_eq!(r.graph_breaks, 5);
+    assert!(r.breaks.iter().all(|b| b.kind == "Unsupported Tensor.requires_grad_() call" && b.registry_id.as_deref() == Some("GB0125")));
+    assert_eq!(r.fallbacks.len(), 3, "frames skipped after the break run eager");
+    // What ran inside graphs: the LoRA projections and the 4-bit linear's forward.
+    for p in ["q_proj", "lora_A", "bitsandbytes"] {
+        assert!(r.captured.matches(p), "{p} not captured: {:?}", r.captured.user_functions.keys().collect::<Vec<_>>());
+    }
+    insta::assert_snapshot!("qlora_gc", md(&r));
+}
+
+#[test]
+fn gate_passes_clean_and_fails_each_rule() {
+    let clean = audit(&["clean.log"]);
+    let strict = Gate { max_graph_breaks: Some(0), max_recompiles: Some(0), require_captured: vec!["scaled_dot_product".into()] };
+    assert!(strict.check(&clean).is_empty());
+    let v = strict.check(&audit(&["breaks.log"]));
+    let checks: Vec<&str> = v.iter().map(|x| x.check.as_str()).collect();
+    assert_eq!(checks, ["max-graph-breaks", "max-recompiles", "recompile-limit"]);
+    assert!(v[0].explanation.contains("GB0059") && v[0].explanation.contains("hint:"));
+    let missing = Gate { require_captured: vec!["flex_attention".into()], ..Default::default() }.check(&clean);
+    assert_eq!(missing.len(), 1);
+    assert!(missing[0].explanation.contains("flex_attention"));
+}
+
+#[test]
+fn cli_gate_exit_status() {
+    let exe = env!("CARGO_BIN_EXE_compile-audit");
+    let ok = std::process::Command::new(exe)
+        .args(["gate", "--max-graph-breaks", "0", "--max-recompiles", "0"])
+        .arg(fixture("clean.log"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let bad = std::process::Command::new(exe).args(["gate", "--max-graph-breaks", "0"]).arg(fixture("breaks.log")).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(out.contains("gate: FAIL max-graph-breaks") && out.contains("gate: FAIL recompile-limit"), "{out}");
+    let json = std::process::Command::new(exe).args(["report", "--format", "json"]).arg(fixture("breaks.log")).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("--format json is JSON");
+    assert_eq!(v["graph_breaks"], 6);
+    let missing = std::process::Command::new(exe).args(["report", "/nonexistent/trace"]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/trace"));
+}
