@@ -7,13 +7,14 @@ use anyhow::{bail, Context, Result};
 
 mod bundle;
 mod report;
+mod tlparse_bench;
 
 const HELP: &str = "\
 cargo xtask <command>
 
 Commands:
   bench [SUITE...] [--from-device DIR [--tag NAME]]
-      SUITE: nf4 (the only one so far; none named = all).
+      SUITE: nf4, compile-audit (none named = all).
       Runs every benchmark suite that can run here and writes bench/results/*.json and
       bench/RESULTS.md. CPU suites always run. GPU suites run when a GPU (driver, NVRTC,
       device) is present, and the comparison against bitsandbytes / the Unsloth-style
@@ -79,13 +80,23 @@ fn bench(args: &[String]) -> Result<()> {
         report::write_markdown(&results, &root().join("bench/RESULTS.md"), &[])?;
         return Ok(());
     }
-    const SUITES: [&str; 1] = ["nf4"];
-    for a in args.iter().filter(|a| !a.starts_with("--")) {
-        if !SUITES.contains(&a.as_str()) {
+    const SUITES: [&str; 2] = ["nf4", "compile-audit"];
+    let named: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
+    for a in &named {
+        if !SUITES.contains(a) {
             bail!("unknown suite `{a}`: the suites are {SUITES:?}");
         }
     }
+    let wants = |s: &str| named.is_empty() || named.contains(&s);
     let mut skipped: Vec<String> = vec![];
+    if wants("compile-audit") {
+        println!("== compile-audit: parse + report a >= 100 MB trace, vs tlparse");
+        tlparse_bench::bench(&results, &mut skipped)?;
+    }
+    if !wants("nf4") {
+        report::write_markdown(&results, &root().join("bench/RESULTS.md"), &skipped)?;
+        return Ok(());
+    }
     run(cargo().args(["build", "--release", "--quiet", "-p", "nf4", "--bin", "nf4-bench"]))?;
     let exe = root().join("target/release/nf4-bench");
 

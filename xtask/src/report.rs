@@ -155,6 +155,23 @@ fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
 }
 
 fn cpu_section(md: &mut String, results: &Path) {
+    if let Some(v) = load(results, "compile-audit-vs-tlparse.json") {
+        let _ = writeln!(
+            md,
+            "## compile-audit vs tlparse ({}, {:.0} MB trace, median of {})\n\n{}.\n\n| tool | time (s) | peak memory (MiB) |\n|---|---|---|\n| compile-audit report | {:.2} | {:.0} |\n| {} | {:.2} | {:.0} |\n\ncompile-audit is {:.1}x faster ({}).\n",
+            v["cpu"].as_str().unwrap_or("?"),
+            f(&v, "input_bytes") / 1e6,
+            v["runs"],
+            v["input"].as_str().unwrap_or(""),
+            f(&v, "ours_s"),
+            f(&v, "ours_peak_MiB"),
+            v["tlparse"].as_str().unwrap_or("tlparse"),
+            f(&v, "tlparse_s"),
+            f(&v, "tlparse_peak_MiB"),
+            f(&v, "speedup"),
+            v["note"].as_str().unwrap_or("")
+        );
+    }
     if let Some(v) = load(results, "nf4-cpu.json") {
         let _ = writeln!(
             md,
