@@ -30,7 +30,9 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod diff;
 pub mod gate;
+pub mod parity;
 pub mod render;
 pub mod trace;
 
