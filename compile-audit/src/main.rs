@@ -35,6 +35,8 @@ enum Format {
     Json,
     /// Everything, for people (PR comments, reports).
     Md,
+    /// A static, self-contained HTML page.
+    Html,
 }
 
 /// Gate thresholds shared by `gate` and `run`.
@@ -95,7 +97,7 @@ enum Cmd {
         a: PathBuf,
         /// Run B.
         b: PathBuf,
-        /// Output format (table and md print the same Markdown).
+        /// Output format (table, md and html print the same Markdown).
         #[arg(long, value_enum, default_value = "md")]
         format: Format,
     },
@@ -132,6 +134,7 @@ fn main() -> anyhow::Result<ExitCode> {
             match format {
                 Format::Table => print!("{}", compile_audit::render::table(&r)),
                 Format::Md => print!("{}", compile_audit::render::markdown(&r)),
+                Format::Html => print!("{}", compile_audit::render::html(&r)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&r).context("serializing the report")?),
             }
             Ok(ExitCode::SUCCESS)

@@ -157,3 +157,143 @@ pub fn table(r: &Report) -> String {
     }
     t
 }
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn html_table(out: &mut String, title: &str, head: &[&str], rows: Vec<Vec<String>>) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = write!(out, "<h2>{}</h2>\n<table>\n<tr>", esc(title));
+    for h in head {
+        let _ = write!(out, "<th>{}</th>", esc(h));
+    }
+    out.push_str("</tr>\n");
+    for r in rows {
+        out.push_str("<tr>");
+        for c in r {
+            let _ = write!(out, "<td>{}</td>", esc(&c));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+}
+
+/// A self-contained static HTML page (no scripts, no external assets).
+pub fn html(r: &Report) -> String {
+    let mut h = String::from(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>torch.compile audit</title>\n<style>\n\
+         body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222}h1{font-size:22px}h2{font-size:17px;margin-top:1.6em}\n\
+         .cards{display:flex;gap:10px;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:110px}\n\
+         .card b{display:block;font-size:22px}.bad b{color:#b00020}.ok b{color:#1b7f3b}\n\
+         table{border-collapse:collapse;margin-top:6px}td,th{border:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}\n\
+         th{background:#f4f4f4}code{background:#f4f4f4;padding:1px 4px;border-radius:3px}\n</style></head><body>\n<h1>torch.compile audit</h1>\n<div class=\"cards\">\n",
+    );
+    for (k, v) in summary(r) {
+        let bad = match k {
+            "graph breaks" | "recompile-limit hits" | "eager fallbacks" => v != "0",
+            _ => false,
+        };
+        let class = if k == "compile time" || k == "graphs" || k == "unique" || k == "recompiles" {
+            "card"
+        } else if bad {
+            "card bad"
+        } else {
+            "card ok"
+        };
+        let _ = writeln!(h, "<div class=\"{class}\"><b>{}</b>{}</div>", esc(&v), esc(k));
+    }
+    h.push_str("</div>\n");
+    if let Some(l) = &r.logs {
+        let _ = writeln!(
+            h,
+            "<p>TORCH_LOGS text: {} graph-break messages, {} recompile messages, {} recompile-limit warnings.</p>",
+            l.graph_breaks, l.recompiles, l.recompile_limit_hits
+        );
+    }
+    html_table(
+        &mut h,
+        "Graph breaks",
+        &["count", "type", "registry", "where", "compiles", "explanation", "hints", "user stack"],
+        r.breaks
+            .iter()
+            .map(|b| {
+                vec![
+                    b.count.to_string(),
+                    format!("{}{}", if b.skipped_frame { "(frame skipped) " } else { "" }, b.kind),
+                    b.registry_id.clone().unwrap_or_default(),
+                    b.location.clone().unwrap_or_default(),
+                    b.compile_ids.join(" "),
+                    b.explanation.clone().unwrap_or_default(),
+                    b.hints.join(" / "),
+                    b.stack.join(" -> "),
+                ]
+            })
+            .collect(),
+    );
+    html_table(
+        &mut h,
+        "Recompilations",
+        &["compile", "frame", "guard failures"],
+        r.recompile_reasons.iter().map(|rc| vec![rc.compile_id.clone(), rc.frame.clone(), rc.reasons.join("; ")]).collect(),
+    );
+    html_table(
+        &mut h,
+        "Compiles that failed (the frame runs eager)",
+        &["compile", "frame", "reason", "where"],
+        r.fallbacks
+            .iter()
+            .map(|f| {
+                vec![
+                    f.compile_id.clone(),
+                    f.frame.clone(),
+                    format!("{}{}", if f.recompile_limit { "recompile limit: " } else { "" }, f.reason),
+                    f.location.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+    html_table(
+        &mut h,
+        "Frames",
+        &["frame", "function", "defined at", "compiles", "ops per compile", "compile time (s)"],
+        r.frames
+            .iter()
+            .map(|f| {
+                vec![
+                    f.frame_id.to_string(),
+                    f.name.clone(),
+                    f.location.clone(),
+                    f.compiles.len().to_string(),
+                    f.compiles.iter().map(|c| c.graph_op_count.map_or("-".into(), |n| n.to_string())).collect::<Vec<_>>().join(", "),
+                    format!("{:.2}", f.compiles.iter().map(|c| c.compile_time_s).sum::<f64>()),
+                ]
+            })
+            .collect(),
+    );
+    let mut ops: Vec<(&String, &usize)> = r.captured.ops.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    html_table(&mut h, "Captured ops", &["op", "count"], ops.iter().map(|(k, v)| vec![k.to_string(), v.to_string()]).collect());
+    html_table(
+        &mut h,
+        "Captured user functions",
+        &["function", "graph lines"],
+        r.captured.user_functions.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect(),
+    );
+    html_table(
+        &mut h,
+        "Modules with parameters in graphs",
+        &["module", "parameters"],
+        r.captured.modules.iter().map(|(k, v)| vec![k.clone(), v.to_string()]).collect(),
+    );
+    html_table(
+        &mut h,
+        &format!("Input problems ({})", r.issue_count),
+        &["line", "problem"],
+        r.issues.iter().map(|i| vec![i.line.to_string(), i.what.clone()]).collect(),
+    );
+    let _ = writeln!(h, "<p>Sources: {}</p>\n</body></html>", esc(&r.sources.join(", ")));
+    h
+}

@@ -71,6 +71,19 @@ fn qlora_gradient_checkpointing_breaks_on_requires_grad() {
 }
 
 #[test]
+fn html_page_is_self_contained_and_escaped() {
+    let r = audit(&["breaks.log", "breaks_torch_logs.txt"]);
+    let h = compile_audit::render::html(&r);
+    assert!(h.starts_with("<!doctype html>") && h.trim_end().ends_with("</html>"));
+    assert!(!h.contains("<script") && !h.contains("http-equiv"), "no scripts");
+    assert!(!h.contains("http://") , "no external assets");
+    assert_eq!(h.matches("<table>").count(), h.matches("</table>").count());
+    assert!(h.contains("GB0059") && h.contains("recompile limit: Dynamo recompile limit exceeded"));
+    // Text from the trace is escaped: the reason "['str']" contains quotes, `<module>` angle brackets.
+    assert!(h.contains("&lt;module&gt;"), "stack frames like <module> are escaped");
+}
+
+#[test]
 fn gate_passes_clean_and_fails_each_rule() {
     let clean = audit(&["clean.log"]);
     let strict = Gate { max_graph_breaks: Some(0), max_recompiles: Some(0), require_captured: vec!["scaled_dot_product".into()] };
