@@ -51,7 +51,8 @@ pub struct GraphBreak {
     pub hints: Vec<String>,
     /// User code location, `file:line`.
     pub location: Option<String>,
-    /// The user-code stack (innermost last), as `file:line in function`.
+    /// The user-code stack (innermost last), as `file:line in function`, without
+    /// PyTorch's own frames.
     pub stack: Vec<String>,
     /// How many times it happened.
     pub count: usize,
@@ -228,8 +229,12 @@ fn parse_break(text: &str) -> GraphBreak {
                 if let Some(rest) = t.strip_prefix("File \"") {
                     // File "path", line N, in func
                     if let Some((path, tail)) = rest.split_once("\", line ") {
-                        let (line, func) = tail.split_once(", in ").unwrap_or((tail, "?"));
-                        b.stack.push(format!("{}:{} in {}", short_path(path), line, func));
+                        // PyTorch's own frames (dynamo's interpreter, Module.__call__) are
+                        // noise here: the user wants their code and their libraries.
+                        if !(path.contains("site-packages/torch/") || path.contains("/torch/_dynamo/")) {
+                            let (line, func) = tail.split_once(", in ").unwrap_or((tail, "?"));
+                            b.stack.push(format!("{}:{} in {}", short_path(path), line, func));
+                        }
                     }
                 }
                 j += 1;

@@ -63,6 +63,10 @@ fn qlora_gradient_checkpointing_breaks_on_requires_grad() {
     assert_eq!(r.graph_breaks, 5);
     assert!(r.breaks.iter().all(|b| b.kind == "Unsupported Tensor.requires_grad_() call" && b.registry_id.as_deref() == Some("GB0125")));
     assert_eq!(r.fallbacks.len(), 3, "frames skipped after the break run eager");
+    // The user stack: the training script, PEFT, transformers; not dynamo's interpreter.
+    let stack = &r.breaks[0].stack;
+    assert_eq!(stack.last().map(String::as_str), Some("transformers/modeling_utils.py:2141 in make_inputs_require_grads"));
+    assert!(stack.iter().any(|f| f.starts_with("peft/")) && !stack.iter().any(|f| f.contains("symbolic_convert")), "{stack:?}");
     // What ran inside graphs: the LoRA projections and the 4-bit linear's forward.
     for p in ["q_proj", "lora_A", "bitsandbytes"] {
         assert!(r.captured.matches(p), "{p} not captured: {:?}", r.captured.user_functions.keys().collect::<Vec<_>>());
