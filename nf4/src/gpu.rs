@@ -40,7 +40,7 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// A short label, e.g. `u8-b0-cs`.
+    /// A short label, e.g. `L0-u4-b0-cs`.
     pub fn label(&self) -> String {
         format!("L{}-u{}-b{}{}", self.layout, self.units, self.min_blocks, if self.stream_stores { "-cs" } else { "" })
     }
