@@ -31,10 +31,13 @@ use crate::state::{Absmax, PackedStorage, QuantState};
 
 const QS_PREFIX: &str = ".quant_state.bitsandbytes__";
 
-/// A safetensors file, memory-mapped, with its parsed header.
+/// A safetensors file, memory-mapped, its header parsed once (reading a weight looks its
+/// tensors up in that index: no re-parsing per weight, which matters with thousands).
 pub struct Checkpoint {
     path: PathBuf,
     mmap: memmap2::Mmap,
+    data_start: usize,
+    meta: safetensors::tensor::Metadata,
 }
 
 impl Checkpoint {
@@ -46,9 +49,19 @@ impl Checkpoint {
         // truncated by another process while mapped would fault. We never write to it.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|source| Nf4Error::Io { path: path.display().to_string(), source })?;
-        let ck = Checkpoint { path, mmap };
-        ck.tensors()?;
-        Ok(ck)
+        let bad = |source| Nf4Error::Safetensors { path: path.display().to_string(), source };
+        // Full validation (offsets against the file size) once, then keep the index.
+        SafeTensors::deserialize(&mmap).map_err(bad)?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
+        Ok(Checkpoint { data_start: 8 + header_len, meta, path, mmap })
+    }
+
+    /// One tensor, from the index parsed at open.
+    fn view(&self, key: &str) -> Option<TensorView<'_>> {
+        let info = self.meta.info(key)?;
+        let (a, b) = info.data_offsets;
+        let data = self.mmap.get(self.data_start + a..self.data_start + b)?;
+        TensorView::new(info.dtype, info.shape.clone(), data).ok()
     }
 
     /// The file's path.
@@ -64,20 +77,22 @@ impl Checkpoint {
 
     /// Names of the 4-bit weights in the file, sorted.
     pub fn quantized_weights(&self) -> Result<Vec<String>> {
-        Ok(quantized_weights(&self.tensors()?))
+        Ok(weights_among(self.meta.tensors().into_keys()))
     }
 
     /// Reads one 4-bit weight (its packed bytes and validated state).
     pub fn read(&self, weight: &str) -> Result<Quantized> {
-        read_quantized(&self.tensors()?, weight)
+        read_with(|k| self.view(k), weight)
     }
 }
 
 /// Names of the 4-bit weights among the tensors, sorted.
 pub fn quantized_weights(st: &SafeTensors<'_>) -> Vec<String> {
-    let mut v: Vec<String> = st
-        .names()
-        .into_iter()
+    weights_among(st.names().into_iter().map(String::from))
+}
+
+fn weights_among(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = names
         .filter_map(|k| {
             let i = k.find(QS_PREFIX)?;
             QuantType::from_name(&k[i + QS_PREFIX.len()..]).map(|_| k[..i].to_string())
@@ -87,9 +102,9 @@ pub fn quantized_weights(st: &SafeTensors<'_>) -> Vec<String> {
     v
 }
 
-fn get<'a>(st: &SafeTensors<'a>, weight: &str, suffix: &str, why: &str) -> Result<TensorView<'a>> {
+fn get<'a>(lookup: &impl Fn(&str) -> Option<TensorView<'a>>, weight: &str, suffix: &str, why: &str) -> Result<TensorView<'a>> {
     let key = if suffix.is_empty() { weight.to_string() } else { format!("{weight}.{suffix}") };
-    st.tensor(&key).map_err(|_| Nf4Error::MissingTensor { tensor: weight.to_string(), key, why: why.to_string() })
+    lookup(&key).ok_or_else(|| Nf4Error::MissingTensor { tensor: weight.to_string(), key, why: why.to_string() })
 }
 
 fn f32s(weight: &str, field: &str, t: &TensorView<'_>) -> Result<Vec<f32>> {
@@ -118,10 +133,15 @@ fn json_str<'j>(weight: &str, j: &'j serde_json::Map<String, Value>, field: &str
 
 /// Reads the 4-bit weight `weight` from parsed tensors.
 pub fn read_quantized(st: &SafeTensors<'_>, weight: &str) -> Result<Quantized> {
+    read_with(|k| st.tensor(k).ok(), weight)
+}
+
+fn read_with<'a>(lookup: impl Fn(&str) -> Option<TensorView<'a>>, weight: &str) -> Result<Quantized> {
+    let st = &lookup;
     // The packed quant_state: exactly one of __nf4 / __fp4.
     let mut found = None;
     for qt in [QuantType::Nf4, QuantType::Fp4] {
-        if let Ok(t) = st.tensor(&format!("{weight}{QS_PREFIX}{}", qt.name())) {
+        if let Some(t) = st(&format!("{weight}{QS_PREFIX}{}", qt.name())) {
             if found.is_some() {
                 return Err(Nf4Error::field(weight, "quant_state", "both bitsandbytes__nf4 and bitsandbytes__fp4 are present"));
             }
@@ -180,7 +200,7 @@ pub fn read_quantized(st: &SafeTensors<'_>, weight: &str) -> Result<Quantized> {
         .map_err(|_| Nf4Error::field(weight, "quant_map", format!("holds {} values, expected 16", code_v.len())))?;
     let absmax_t = get(st, weight, "absmax", "it holds the per-block scales")?;
 
-    let nested = j.contains_key("nested_offset") || st.tensor(&format!("{weight}.nested_absmax")).is_ok();
+    let nested = j.contains_key("nested_offset") || st(&format!("{weight}.nested_absmax")).is_some();
     let absmax = if nested {
         if absmax_t.dtype() != Dtype::U8 {
             return Err(Nf4Error::field(
