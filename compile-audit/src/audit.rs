@@ -28,7 +28,9 @@ pub struct Compile {
 /// A compiled frame (a Python code object dynamo processed).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Frame {
-    /// dynamo's frame id.
+    /// The rank that compiled it (distributed runs only).
+    pub rank: Option<u64>,
+    /// dynamo's frame id (per rank).
     pub frame_id: u64,
     /// The code object's name (`forward`, `torch_dynamo_resume_in_forward_at_41`, ...).
     pub name: String,
@@ -36,6 +38,16 @@ pub struct Frame {
     pub location: String,
     /// Its compilations in order.
     pub compiles: Vec<Compile>,
+}
+
+impl Frame {
+    /// `frame_id`, or `rN:frame_id` in a distributed run.
+    pub fn label(&self) -> String {
+        match self.rank {
+            Some(r) => format!("r{r}:{}", self.frame_id),
+            None => self.frame_id.to_string(),
+        }
+    }
 }
 
 /// A graph break, deduplicated by (where, what).
@@ -166,9 +178,9 @@ impl Report {
 pub struct Auditor {
     report: Report,
     files: Vec<String>,
-    frames: BTreeMap<u64, Frame>,
+    frames: BTreeMap<(Option<u64>, u64), Frame>,
     breaks: BTreeMap<(String, String), GraphBreak>,
-    recompiled: std::collections::BTreeSet<(u64, u64)>,
+    recompiled: std::collections::BTreeSet<(Option<u64>, u64, u64)>,
 }
 
 /// Which payloads the auditor reads (the rest are checksummed and dropped).
@@ -316,13 +328,17 @@ impl Auditor {
         }
     }
 
-    fn frame(&mut self, id: u64) -> &mut Frame {
-        self.frames.entry(id).or_insert_with(|| Frame { frame_id: id, ..Default::default() })
+    fn frame(&mut self, rank: Option<u64>, id: u64) -> &mut Frame {
+        self.frames.entry((rank, id)).or_insert_with(|| Frame { rank, frame_id: id, ..Default::default() })
+    }
+
+    fn frame_name(&self, rec: &Record) -> String {
+        rec.frame_id.and_then(|f| self.frames.get(&(rec.rank, f))).map(|f| f.name.clone()).unwrap_or_default()
     }
 
     fn compile(&mut self, rec: &Record) -> Option<&mut Compile> {
         let (fid, cid) = (rec.frame_id?, rec.compile_id()?);
-        let f = self.frame(fid);
+        let f = self.frame(rec.rank, fid);
         if let Some(i) = f.compiles.iter().position(|c| c.compile_id == cid) {
             return f.compiles.get_mut(i);
         }
@@ -335,7 +351,7 @@ impl Auditor {
     fn note_recompile(&mut self, rec: &Record) {
         if let (Some(f), Some(c)) = (rec.frame_id, rec.frame_compile_id) {
             if c > 0 {
-                self.recompiled.insert((f, c));
+                self.recompiled.insert((rec.rank, f, c));
             }
         }
     }
@@ -374,7 +390,7 @@ impl Auditor {
                 let time = m.get("entire_frame_compile_time_s").and_then(Value::as_f64).unwrap_or(0.0);
                 let ops = m.get("graph_op_count").and_then(Value::as_u64);
                 if let Some(fid) = rec.frame_id {
-                    let f = self.frame(fid);
+                    let f = self.frame(rec.rank, fid);
                     if f.name.is_empty() && !name.is_empty() {
                         f.name = name.clone();
                         f.location = location.clone();
@@ -382,7 +398,7 @@ impl Auditor {
                 }
                 self.report.total_compile_time_s += time;
                 let frame_name = if name.is_empty() {
-                    rec.frame_id.and_then(|f| self.frames.get(&f)).map(|f| f.name.clone()).unwrap_or_default()
+                    self.frame_name(&rec)
                 } else {
                     name.clone()
                 };
@@ -428,7 +444,7 @@ impl Auditor {
                         Ok(list) => list.iter().flat_map(|s| s.lines()).map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
                         Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
                     };
-                    let frame = rec.frame_id.and_then(|f| self.frames.get(&f)).map(|f| f.name.clone()).unwrap_or_default();
+                    let frame = self.frame_name(&rec);
                     self.report.recompile_reasons.push(Recompile { compile_id: rec.compile_id().unwrap_or_default(), frame, reasons });
                 }
                 other => *self.report.other_events.entry(format!("artifact:{}", other.unwrap_or("?"))).or_default() += 1,

@@ -89,7 +89,7 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {} | {} | {:.2} s |",
-                f.frame_id,
+                f.label(),
                 cell(&f.name),
                 cell(&f.location),
                 f.compiles.len(),
@@ -263,7 +263,7 @@ pub fn html(r: &Report) -> String {
             .iter()
             .map(|f| {
                 vec![
-                    f.frame_id.to_string(),
+                    f.label(),
                     f.name.clone(),
                     f.location.clone(),
                     f.compiles.len().to_string(),

@@ -39,9 +39,14 @@ pub struct Record {
 }
 
 impl Record {
-    /// `frame_id/frame_compile_id`, as PyTorch prints compile ids, when both are present.
+    /// `frame_id/frame_compile_id`, as PyTorch prints compile ids, when both are present;
+    /// prefixed `rN:` in a distributed run, where every rank numbers its own frames.
     pub fn compile_id(&self) -> Option<String> {
-        Some(format!("{}/{}", self.frame_id?, self.frame_compile_id?))
+        let id = format!("{}/{}", self.frame_id?, self.frame_compile_id?);
+        Some(match self.rank {
+            Some(r) => format!("r{r}:{id}"),
+            None => id,
+        })
     }
     /// The artifact name of an `artifact` record.
     pub fn artifact_name(&self) -> Option<&str> {

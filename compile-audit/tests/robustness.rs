@@ -109,3 +109,25 @@ fn a_large_trace_streams_in_bounded_memory() {
     assert_eq!(r.breaks.len(), 2, "deduplicated");
     assert_eq!(r.frames.len(), 3, "per-frame state, not per-record");
 }
+
+#[test]
+fn ranks_keep_their_own_frames() {
+    // The same run seen from two ranks: records carry "rank"; frame ids repeat per rank.
+    let text = String::from_utf8(breaks()).unwrap();
+    let with_rank = |r: u32| -> String {
+        text.lines()
+            .map(|l| if l.starts_with('\t') || !l.contains("] {") { l.to_string() } else { l.replacen("] {", &format!("] {{\"rank\": {r}, "), 1) })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut a = Auditor::new();
+    feed_trace(&mut a, "rank0", with_rank(0).as_bytes());
+    feed_trace(&mut a, "rank1", with_rank(1).as_bytes());
+    let r = a.finish();
+    assert_eq!(r.issue_count, 0, "adding a key leaves payload checksums valid: {:?}", r.issues);
+    assert_eq!(r.frames.len(), 6, "3 frames on each rank");
+    assert_eq!((r.graph_breaks, r.recompiles), (12, 14));
+    assert_eq!(r.breaks.len(), 2, "the same breaks, deduplicated across ranks");
+    assert!(r.breaks[0].compile_ids.iter().any(|c| c.starts_with("r1:")));
+    assert_eq!(r.frames[3].label(), "r1:0");
+}
