@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod bundle;
+mod pr;
 mod report;
 mod tlparse_bench;
 
@@ -29,6 +30,13 @@ Commands:
       Builds, for a GPU machine without Rust: release binaries, libnf4.so, every test
       executable, the Python scripts and a slim bitsandbytes (CUDA 13.0 library only) into
       bundle/ (ignored by git, < 64 MiB), with bundle/run.sh to run there. See README.
+
+  pr [--list | --verify-upstream | SLUG]
+      The Unsloth bounties (issue-fixes crate). --list (default): each one's status in the
+      pinned release and what is open. --verify-upstream: download unsloth and unsloth_zoo
+      at the pinned version from PyPI, run every evidence check, write
+      issue-fixes/upstream-<version>.json; fails if a claim is not backed. SLUG: apply the
+      bounty's patch series and draft its PR (not built yet: says so, with what is open).
 
   help
       This text.
@@ -57,6 +65,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("gpu-bundle") => bundle::gpu_bundle(),
+        Some("pr") => pr::pr(&args[1..]),
         Some("help") | Some("-h") | Some("--help") | None => {
             print!("{HELP}");
             Ok(())

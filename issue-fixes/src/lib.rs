@@ -1,0 +1,275 @@
+//! The Unsloth bounties: what upstream has, what is still open, and the evidence.
+//!
+//! Every entry names its upstream issues and PRs and a status, and backs the status with
+//! [`Evidence`]: a file of the pinned release ([`PINNED`]) that must contain a given text.
+//! `cargo xtask pr --verify-upstream` downloads the pinned wheels, runs every check
+//! ([`verify`]) and writes the outcome to `issue-fixes/upstream-<version>.json`, which is
+//! committed; a test holds the registry to it, so a status can only change together with
+//! its evidence. What a wheel cannot show (notebooks, installers) is said in `open`, not
+//! checked.
+//!
+//! Not built yet: the patch series for the open items, `cargo xtask pr <slug>` applying
+//! them with git2 and drafting the PR, and `--submit` through octocrab.
+//!
+//! ```
+//! let open: Vec<_> = issue_fixes::registry().iter().filter(|b| b.status != issue_fixes::Status::Solved).collect();
+//! assert!(open.iter().any(|b| b.slug == "flex-attention-dynamic"));
+//! ```
+#![deny(missing_docs)]
+
+use std::path::Path;
+
+use serde::Serialize;
+
+/// The release the statuses are checked against (both packages, from PyPI).
+pub const PINNED: &str = "2026.10.9";
+
+/// Which wheel a file is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Package {
+    /// `unsloth`
+    Unsloth,
+    /// `unsloth_zoo`
+    UnslothZoo,
+}
+
+impl Package {
+    /// The PyPI name.
+    pub fn pypi(self) -> &'static str {
+        match self {
+            Package::Unsloth => "unsloth",
+            Package::UnslothZoo => "unsloth_zoo",
+        }
+    }
+}
+
+/// Where things stand upstream in the pinned release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Status {
+    /// Upstream solved it; nothing of ours to add.
+    Solved,
+    /// Upstream solved part; `open` says what is left.
+    PartlyOpen,
+    /// Still open upstream.
+    Open,
+}
+
+/// A check that a file of the pinned release contains a text.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evidence {
+    /// The wheel.
+    pub package: Package,
+    /// Path inside the wheel, e.g. `unsloth/save.py`.
+    pub path: &'static str,
+    /// Text the file must contain.
+    pub needle: &'static str,
+    /// What its presence shows.
+    pub shows: &'static str,
+}
+
+/// One bounty.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bounty {
+    /// Short id used on the command line (`cargo xtask pr <slug>`).
+    pub slug: &'static str,
+    /// The bounty's title.
+    pub title: &'static str,
+    /// Upstream issues (`unslothai/unsloth` unless noted in `summary`).
+    pub issues: &'static [u32],
+    /// Upstream pull requests.
+    pub prs: &'static [u32],
+    /// Status in [`PINNED`].
+    pub status: Status,
+    /// What upstream has.
+    pub summary: &'static str,
+    /// What is still open (empty when solved).
+    pub open: &'static str,
+    /// Checks that back the summary.
+    pub evidence: &'static [Evidence],
+}
+
+use Package::{Unsloth, UnslothZoo};
+
+const REGISTRY: &[Bounty] = &[
+    Bounty {
+        slug: "tool-calling-example",
+        title: "Tool-calling fine-tuning notebook",
+        issues: &[1400],
+        prs: &[],
+        status: Status::Open,
+        summary: "Training code understands tool-call chat templates (it maps them to templates TRL accepts for `tools=`).",
+        open: "No example that fine-tunes a model on tool-call conversations and shows it emits well-formed calls afterwards and not before (notebooks are not in the wheel and were not checked here).",
+        evidence: &[Evidence {
+            package: Unsloth,
+            path: "unsloth/models/_trl_tool_templates.py",
+            needle: "def patch_trl_tool_chat_templates",
+            shows: "tool-call chat templates are supported in training",
+        }],
+    },
+    Bounty {
+        slug: "gguf-vision-export",
+        title: "GGUF export of vision models",
+        issues: &[1559],
+        prs: &[3356],
+        status: Status::PartlyOpen,
+        summary: "Vision models export to GGUF as the text model plus an `-mmproj` projector file.",
+        open: "An Ollama Modelfile for vision exports (the Modelfile writer does not reference the projector).",
+        evidence: &[Evidence {
+            package: Unsloth,
+            path: "unsloth/save.py",
+            needle: "-mmproj",
+            shows: "GGUF export handles the mmproj projector file",
+        }],
+    },
+    Bounty {
+        slug: "attention-refactor",
+        title: "Attention refactor across xformers / SDPA / flash / flex",
+        issues: &[4286, 4631],
+        prs: &[3566, 6828],
+        status: Status::Solved,
+        summary: "One dispatcher selects the backend; on sm_120 it probes xformers with a real forward instead of disabling it by version (PR #6828 closed #4631), and xformers' FA3 mis-dispatch on Blackwell is guarded.",
+        open: "",
+        evidence: &[
+            Evidence {
+                package: Unsloth,
+                path: "unsloth/utils/attention_dispatch.py",
+                needle: "def select_attention_backend",
+                shows: "the attention dispatcher (PR #3566)",
+            },
+            Evidence {
+                package: Unsloth,
+                path: "unsloth/utils/attention_dispatch.py",
+                needle: "capability[0] >= 12",
+                shows: "the sm_120 runtime probe of xformers (PR #6828, closes #4631)",
+            },
+            Evidence {
+                package: Unsloth,
+                path: "unsloth/models/_utils.py",
+                needle: "def _xformers_fa3_lacks_sm90a",
+                shows: "the guard against xformers <= 0.0.32.post2 running sm_90a kernels on Blackwell",
+            },
+        ],
+    },
+    Bounty {
+        slug: "windows",
+        title: "Windows support",
+        issues: &[1359, 1995],
+        prs: &[1841],
+        status: Status::Solved,
+        summary: "Windows code paths at import and for safetensors I/O.",
+        open: "",
+        evidence: &[
+            Evidence {
+                package: Unsloth,
+                path: "unsloth/__init__.py",
+                needle: "platform.system() == \"Windows\"",
+                shows: "a Windows branch at import",
+            },
+            Evidence {
+                package: Unsloth,
+                path: "unsloth/models/_windows_safetensors.py",
+                needle: "sys.platform == \"win32\"",
+                shows: "Windows-specific safetensors handling",
+            },
+        ],
+    },
+    Bounty {
+        slug: "sequence-classification",
+        title: "Sequence classification",
+        issues: &[1561],
+        prs: &[2263, 2710],
+        status: Status::Solved,
+        summary: "Models load for sequence classification, with PEFT.",
+        open: "",
+        evidence: &[Evidence {
+            package: Unsloth,
+            path: "unsloth/models/llama.py",
+            needle: "PeftModelForSequenceClassification",
+            shows: "sequence-classification models are wrapped with PEFT",
+        }],
+    },
+    Bounty {
+        slug: "vlm-data-collator",
+        title: "VLM data collator",
+        issues: &[1559, 2133],
+        prs: &[],
+        status: Status::PartlyOpen,
+        summary: "`UnslothVisionDataCollator` batches image and text conversations.",
+        open: "Batching efficiency (#2133): group image and text-only rows so no batch pays for a vision pass it does not need.",
+        evidence: &[Evidence {
+            package: UnslothZoo,
+            path: "unsloth_zoo/vision_utils.py",
+            needle: "class UnslothVisionDataCollator",
+            shows: "the vision data collator",
+        }],
+    },
+    Bounty {
+        slug: "vlm-image-resizing",
+        title: "VLM image resizing",
+        issues: &[],
+        prs: &[267],
+        status: Status::Solved,
+        summary: "The collator resizes images (`resize=`, default \"min\"); the PR is unsloth_zoo #267.",
+        open: "",
+        evidence: &[Evidence {
+            package: UnslothZoo,
+            path: "unsloth_zoo/vision_utils.py",
+            needle: "resize = \"min\"",
+            shows: "the collator's resize argument",
+        }],
+    },
+    Bounty {
+        slug: "flex-attention-dynamic",
+        title: "Flex attention for dynamic sequence lengths",
+        issues: &[1561],
+        prs: &[1960, 2162],
+        status: Status::Open,
+        summary: "unsloth_zoo caches compiled block masks; the PRs that make flex attention take varying lengths without recompiling (#1960, #2162) are still open.",
+        open: "Flex attention over dynamic lengths (causal, padded, packed) without a recompilation per length, equal to SDPA within bf16 tolerance: needs GPU measurement.",
+        evidence: &[Evidence {
+            package: UnslothZoo,
+            path: "unsloth_zoo/flex_attention/utils.py",
+            needle: "def create_block_mask_cached",
+            shows: "block masks are cached (not the dynamic-length fix)",
+        }],
+    },
+];
+
+/// Every bounty.
+pub fn registry() -> &'static [Bounty] {
+    REGISTRY
+}
+
+/// A bounty by slug.
+pub fn find(slug: &str) -> Option<&'static Bounty> {
+    REGISTRY.iter().find(|b| b.slug == slug)
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Outcome {
+    /// `package/path`.
+    pub file: String,
+    /// The needle.
+    pub needle: String,
+    /// `found`, `absent` (file there, text not), or `no such file`.
+    pub result: String,
+}
+
+/// Runs one check against extracted wheels: `root/<path>` (paths start with the package's
+/// import name, so one folder can hold both wheels).
+pub fn check(root: &Path, e: &Evidence) -> Outcome {
+    let result = match std::fs::read(root.join(e.path)) {
+        Err(_) => "no such file".to_string(),
+        Ok(bytes) => {
+            let found = String::from_utf8_lossy(&bytes).contains(e.needle);
+            if found { "found" } else { "absent" }.to_string()
+        }
+    };
+    Outcome { file: format!("{}:{}", e.package.pypi(), e.path), needle: e.needle.to_string(), result }
+}
+
+/// Runs every check of every bounty; returns (slug, outcomes).
+pub fn verify(root: &Path) -> Vec<(String, Vec<Outcome>)> {
+    REGISTRY.iter().map(|b| (b.slug.to_string(), b.evidence.iter().map(|e| check(root, e)).collect())).collect()
+}
