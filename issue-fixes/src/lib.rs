@@ -8,14 +8,22 @@
 //! its evidence. What a wheel cannot show (notebooks, installers) is said in `open`, not
 //! checked.
 //!
-//! Not built yet: the patch series for the open items, `cargo xtask pr <slug>` applying
-//! them with git2 and drafting the PR, and `--submit` through octocrab.
+//! [`apply`] applies a bounty's patch series to an upstream checkout with git2 (clean
+//! checkout required, whole series checked before anything is written, one commit per
+//! patch) and [`draft`] writes the PR text; `cargo xtask pr <slug>` drives both.
+//!
+//! Not built yet: patch series for the open items (none is written: each needs a GPU
+//! run to verify), running a fix's verification from `cargo xtask pr`, and `--submit`
+//! through octocrab against a mock GitHub API.
 //!
 //! ```
 //! let open: Vec<_> = issue_fixes::registry().iter().filter(|b| b.status != issue_fixes::Status::Solved).collect();
 //! assert!(open.iter().any(|b| b.slug == "flex-attention-dynamic"));
 //! ```
 #![deny(missing_docs)]
+
+pub mod apply;
+pub mod draft;
 
 use std::path::Path;
 

@@ -31,12 +31,16 @@ Commands:
       executable, the Python scripts and a slim bitsandbytes (CUDA 13.0 library only) into
       bundle/ (ignored by git, < 64 MiB), with bundle/run.sh to run there. See README.
 
-  pr [--list | --verify-upstream | SLUG]
+  pr [--list | --verify-upstream | SLUG [--upstream PATH]]
       The Unsloth bounties (issue-fixes crate). --list (default): each one's status in the
       pinned release and what is open. --verify-upstream: download unsloth and unsloth_zoo
       at the pinned version from PyPI, run every evidence check, write
-      issue-fixes/upstream-<version>.json; fails if a claim is not backed. SLUG: apply the
-      bounty's patch series and draft its PR (not built yet: says so, with what is open).
+      issue-fixes/upstream-<version>.json; fails if a claim is not backed.
+      SLUG: apply issue-fixes/patches/SLUG/*.patch with git2 on branch fix/<issue>-SLUG of
+      the upstream checkout (--upstream PATH, which must be clean and at the pinned
+      version, or a repository made from the pinned wheels under target/), one commit per
+      patch, and draft the PR into target/pr/SLUG/. No series is written yet (each needs
+      a GPU run to verify); --submit (octocrab) is not built yet.
 
   help
       This text.

@@ -1,5 +1,6 @@
 //! `cargo xtask pr`: the Unsloth bounties (registry in the issue-fixes crate).
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -16,15 +17,65 @@ pub fn pr(args: &[String]) -> Result<()> {
                 let known: Vec<&str> = registry().iter().map(|b| b.slug).collect();
                 bail!("unknown bounty `{slug}`; the known ones are: {}", known.join(", "));
             };
-            bail!(
-                "`{slug}` ({:?} in unsloth {PINNED}): no patch series yet. This step of the work built the registry and \
-                 the upstream verification (`cargo xtask pr --verify-upstream`); applying patches with git2 and drafting \
-                 the PR come next. What is open: {}",
-                b.status,
-                if b.open.is_empty() { "nothing (solved upstream)" } else { b.open }
-            )
+            let upstream = args.iter().position(|a| a == "--upstream").map(|i| args.get(i + 1).map(PathBuf::from));
+            if args.iter().any(|a| a == "--submit") {
+                bail!("--submit is not built yet (octocrab draft PRs, tested against a mock GitHub API): the draft stays local");
+            }
+            apply_and_draft(b, upstream.map(|u| u.context("--upstream needs a path")).transpose()?)
         }
     }
+}
+
+/// Applies the bounty's patch series on a branch of the upstream checkout and drafts the PR.
+fn apply_and_draft(b: &issue_fixes::Bounty, upstream: Option<PathBuf>) -> Result<()> {
+    use issue_fixes::apply::{apply_series, read_series, repo_from_release, upstream_version};
+    let dir = root().join("issue-fixes/patches").join(b.slug);
+    if !dir.is_dir() {
+        bail!(
+            "`{}` ({:?} in unsloth {PINNED}): no patch series in {} yet. What is open: {}",
+            b.slug,
+            b.status,
+            dir.display(),
+            if b.open.is_empty() { "nothing (solved upstream)" } else { b.open }
+        );
+    }
+    let patches = read_series(&dir)?;
+    let verification = std::fs::read_to_string(dir.join("VERIFICATION.md"))
+        .with_context(|| format!("{}: every series needs VERIFICATION.md (how the fix was checked, with numbers)", dir.display()))?;
+    let repo = match upstream {
+        Some(p) => {
+            let found = upstream_version(&p).unwrap_or_else(|| "unknown (no unsloth/_version.py)".into());
+            if found != PINNED {
+                return Err(issue_fixes::apply::ApplyError::WrongVersion {
+                    repo: p.display().to_string(),
+                    found,
+                    expected: PINNED.into(),
+                }
+                .into());
+            }
+            p
+        }
+        None => {
+            let repo = root().join(format!("target/pr-upstream/unsloth-{PINNED}"));
+            repo_from_release(&pinned_release()?, &repo, PINNED)?;
+            repo
+        }
+    };
+    let number = b.issues.first().or(b.prs.first()).copied().unwrap_or(0);
+    let branch = format!("fix/{number}-{}", b.slug);
+    let name = std::env::var("GIT_AUTHOR_NAME").unwrap_or_else(|_| "qlora-kit".into());
+    let email = std::env::var("GIT_AUTHOR_EMAIL").unwrap_or_else(|_| "qlora-kit@localhost".into());
+    let sig = git2::Signature::now(&name, &email)?;
+    let commits = apply_series(&repo, &branch, &patches, &sig)?;
+    let (title, body) = issue_fixes::draft::pr_text(b, &patches, &verification);
+    let out = root().join("target/pr").join(b.slug);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("PR.md"), format!("# {title}\n\n{body}"))?;
+    for p in &patches {
+        std::fs::copy(&p.path, out.join(p.path.file_name().context("patch name")?))?;
+    }
+    println!("{}: branch {branch} with {} commit(s); PR draft in {}", repo.display(), commits.len(), out.display());
+    Ok(())
 }
 
 fn list() -> Result<()> {
@@ -45,7 +96,9 @@ fn list() -> Result<()> {
     Ok(())
 }
 
-fn verify_upstream() -> Result<()> {
+/// The pinned wheels' import packages, downloaded from PyPI and extracted once, under
+/// target/upstream/<version>.
+fn pinned_release() -> Result<PathBuf> {
     let wheels = root().join("target/wheels");
     let dest = root().join(format!("target/upstream/{PINNED}"));
     std::fs::create_dir_all(&wheels)?;
@@ -70,7 +123,11 @@ fn verify_upstream() -> Result<()> {
              \x20   [z.extract(n, sys.argv[2]) for n in z.namelist() if n.startswith(('unsloth/', 'unsloth_zoo/'))]\n",
         ).arg(&wheels).arg(&dest).arg(PINNED))?;
     }
-    let results = issue_fixes::verify(&dest);
+    Ok(dest)
+}
+
+fn verify_upstream() -> Result<()> {
+    let results = issue_fixes::verify(&pinned_release()?);
     let mut failed = 0;
     for (slug, outcomes) in &results {
         for o in outcomes {

@@ -1,0 +1,238 @@
+//! Applying a bounty's patch series to an upstream checkout, one commit per patch.
+//!
+//! A patch file is a commit message (first line: the subject) followed by a unified diff
+//! starting at the first `diff --git` line, the way `git format-patch` bodies read.
+//! Patches live in `issue-fixes/patches/<slug>/`, applied in file-name order.
+//!
+//! Safety rules: the checkout must be clean (nothing staged, modified or untracked), and
+//! every patch is first checked against the tree the previous ones produce; if one does
+//! not apply, nothing is written and the error names the patch, file and hunk.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use git2::{ApplyLocation, ApplyOptions, Diff, Repository, Signature, StatusOptions};
+
+/// Why a series could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Reading a patch or the checkout failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A git operation failed.
+    #[error("{what}: {source}")]
+    Git {
+        /// What we were doing.
+        what: String,
+        /// libgit2's error.
+        #[source]
+        source: git2::Error,
+    },
+    /// The checkout has uncommitted changes.
+    #[error("{repo}: the checkout is not clean ({files} changed or untracked file(s), e.g. `{example}`): commit or stash first; nothing was changed")]
+    Dirty {
+        /// The checkout.
+        repo: String,
+        /// How many files.
+        files: usize,
+        /// One of them.
+        example: String,
+    },
+    /// A patch file has no diff.
+    #[error("{patch}: no `diff --git` section")]
+    NoDiff {
+        /// The patch file.
+        patch: String,
+    },
+    /// A patch does not apply.
+    #[error("{patch} does not apply to {file}, hunk `{hunk}`: {source}; nothing was changed")]
+    DoesNotApply {
+        /// The patch file.
+        patch: String,
+        /// The file it was patching.
+        file: String,
+        /// The hunk header it failed at (the last one attempted).
+        hunk: String,
+        /// libgit2's error.
+        #[source]
+        source: git2::Error,
+    },
+    /// The upstream checkout is not the pinned release.
+    #[error("{repo}: upstream is unsloth {found}, expected {expected}; nothing was changed")]
+    WrongVersion {
+        /// The checkout.
+        repo: String,
+        /// Version found in `unsloth/_version.py`.
+        found: String,
+        /// The pinned version.
+        expected: String,
+    },
+}
+
+fn git(what: impl Into<String>) -> impl FnOnce(git2::Error) -> ApplyError {
+    let what = what.into();
+    move |source| ApplyError::Git { what, source }
+}
+
+/// One patch of a series.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    /// Its file.
+    pub path: PathBuf,
+    /// The commit message.
+    pub message: String,
+    /// The unified diff.
+    pub diff: String,
+}
+
+impl Patch {
+    /// The message's first line.
+    pub fn subject(&self) -> &str {
+        self.message.lines().next().unwrap_or("")
+    }
+}
+
+/// Reads the `*.patch` files of a folder, in name order.
+pub fn read_series(dir: &Path) -> Result<Vec<Patch>, ApplyError> {
+    let io = |source| ApplyError::Io { path: dir.display().to_string(), source };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).map_err(|source| ApplyError::Io { path: path.display().to_string(), source })?;
+            let at = text.find("\ndiff --git ").map(|i| i + 1).or_else(|| text.starts_with("diff --git ").then_some(0));
+            let Some(at) = at else { return Err(ApplyError::NoDiff { patch: path.display().to_string() }) };
+            let message = text[..at].trim_end_matches(['\n', '-']).trim().to_string();
+            Ok(Patch { path, message, diff: text[at..].to_string() })
+        })
+        .collect()
+}
+
+/// The unsloth version of a checkout (`unsloth/_version.py`), if it has one.
+pub fn upstream_version(repo: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(repo.join("unsloth/_version.py")).ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("__version__"))?;
+    Some(line.split(['"', '\'']).nth(1)?.to_string())
+}
+
+/// Refuses a checkout with uncommitted or untracked files.
+pub fn ensure_clean(repo: &Repository) -> Result<(), ApplyError> {
+    let mut opts = StatusOptions::new();
+    opts.include_untracked(true).include_ignored(false);
+    let statuses = repo.statuses(Some(&mut opts)).map_err(git("reading the checkout's status"))?;
+    if !statuses.is_empty() {
+        return Err(ApplyError::Dirty {
+            repo: repo.workdir().map(|p| p.display().to_string()).unwrap_or_default(),
+            files: statuses.len(),
+            example: statuses.get(0).and_then(|s| s.path().ok().map(String::from)).unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates `branch` at HEAD, checks every patch, then applies and commits them one by one.
+/// Returns the new commits' ids. On any error the checkout and its branches are as before.
+pub fn apply_series(repo_path: &Path, branch: &str, patches: &[Patch], author: &Signature<'_>) -> Result<Vec<git2::Oid>, ApplyError> {
+    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
+    ensure_clean(&repo)?;
+    let head = repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
+
+    // Check the whole series in memory first: each patch against the tree the previous
+    // ones produce, so a failure anywhere leaves the checkout untouched.
+    let mut tree = head.tree().map_err(git("reading HEAD's tree"))?;
+    for p in patches {
+        let diff = Diff::from_buffer(p.diff.as_bytes()).map_err(git(format!("parsing {}", p.path.display())))?;
+        let file = RefCell::new(String::new());
+        let hunk = RefCell::new(String::new());
+        let mut opts = ApplyOptions::new();
+        opts.delta_callback(|d| {
+            if let Some(d) = d {
+                *file.borrow_mut() = d.new_file().path().map(|p| p.display().to_string()).unwrap_or_default();
+            }
+            true
+        });
+        opts.hunk_callback(|h| {
+            if let Some(h) = h {
+                *hunk.borrow_mut() = String::from_utf8_lossy(h.header()).trim().to_string();
+            }
+            true
+        });
+        let index = repo.apply_to_tree(&tree, &diff, Some(&mut opts)).map_err(|source| ApplyError::DoesNotApply {
+            patch: p.path.display().to_string(),
+            file: file.borrow().clone(),
+            hunk: hunk.borrow().clone(),
+            source,
+        })?;
+        drop(opts);
+        let mut index = index;
+        let oid = index.write_tree_to(&repo).map_err(git("writing a checked tree"))?;
+        tree = repo.find_tree(oid).map_err(git("reading a checked tree"))?;
+    }
+
+    // All apply: now for real, on the new branch, one commit per patch.
+    let br = repo.branch(branch, &head, false).map_err(git(format!("creating branch {branch}")))?;
+    let refname = br.get().name().unwrap_or_default().to_string();
+    repo.set_head(&refname).map_err(git(format!("switching to {branch}")))?;
+    let mut parent = head;
+    let mut out = vec![];
+    for p in patches {
+        let diff = Diff::from_buffer(p.diff.as_bytes()).map_err(git(format!("parsing {}", p.path.display())))?;
+        repo.apply(&diff, ApplyLocation::Both, None).map_err(git(format!("applying {}", p.path.display())))?;
+        let mut index = repo.index().map_err(git("reading the index"))?;
+        let tree_id = index.write_tree().map_err(git("writing the tree"))?;
+        let tree = repo.find_tree(tree_id).map_err(git("reading the tree"))?;
+        let id = repo
+            .commit(Some("HEAD"), author, author, &p.message, &tree, &[&parent])
+            .map_err(git(format!("committing {}", p.path.display())))?;
+        parent = repo.find_commit(id).map_err(git("reading the new commit"))?;
+        out.push(id);
+    }
+    Ok(out)
+}
+
+/// Makes a git repository from an extracted release (a base commit to patch), unless
+/// `dest` already is one.
+pub fn repo_from_release(src: &Path, dest: &Path, version: &str) -> Result<(), ApplyError> {
+    if dest.join(".git").exists() {
+        return Ok(());
+    }
+    copy_tree(src, dest)?;
+    let repo = Repository::init(dest).map_err(git(format!("init {}", dest.display())))?;
+    let mut index = repo.index().map_err(git("index"))?;
+    index.add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None).map_err(git("adding the release's files"))?;
+    index.write().map_err(git("writing the index"))?;
+    let tree = repo.find_tree(index.write_tree().map_err(git("tree"))?).map_err(git("tree"))?;
+    let sig = Signature::now("qlora-kit", "qlora-kit@localhost").map_err(git("signature"))?;
+    repo.commit(Some("HEAD"), &sig, &sig, &format!("unsloth {version} (PyPI wheels, import packages)"), &tree, &[])
+        .map_err(git("base commit"))?;
+    Ok(())
+}
+
+fn copy_tree(src: &Path, dest: &Path) -> Result<(), ApplyError> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| ApplyError::Io { path: p, source }
+    };
+    std::fs::create_dir_all(dest).map_err(io(dest))?;
+    for e in std::fs::read_dir(src).map_err(io(src))?.flatten() {
+        let to = dest.join(e.file_name());
+        if e.path().is_dir() {
+            copy_tree(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), &to).map_err(io(&to))?;
+        }
+    }
+    Ok(())
+}

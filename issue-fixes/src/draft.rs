@@ -1,0 +1,40 @@
+//! The PR text for a bounty's patch series.
+
+use crate::apply::Patch;
+use crate::{Bounty, PINNED};
+
+/// Title and body of the draft PR. `verification` is the fix's own evidence (how it was
+/// checked, with numbers), read from `issue-fixes/patches/<slug>/VERIFICATION.md`.
+pub fn pr_text(b: &Bounty, patches: &[Patch], verification: &str) -> (String, String) {
+    let title = match patches {
+        [one] => one.subject().to_string(),
+        _ => {
+            // "VLM data collator: batching efficiency (#2133)" from the first clause of `open`.
+            let clause = b.open.split([':', '.']).next().unwrap_or("").trim();
+            let mut c = clause.chars();
+            let clause: String = c.next().map(|f| f.to_lowercase().chain(c).collect()).unwrap_or_default();
+            if clause.is_empty() { b.title.to_string() } else { format!("{}: {clause}", b.title) }
+        }
+    };
+    let mut body = String::new();
+    body += "## Motivation\n\n";
+    body += &format!("{}\n\nUpstream today ({PINNED}): {}\n\nStill open: {}\n\n", b.title, b.summary, b.open);
+    let links: Vec<String> = b.issues.iter().map(|i| format!("#{i}")).collect();
+    if !links.is_empty() {
+        // These upstream issues often bundle several requests: link, do not auto-close.
+        body += &format!("Refs {}.\n\n", links.join(", "));
+    }
+    body += "## What changed\n\n";
+    for p in patches {
+        body += &format!("- {}\n", p.subject());
+        for l in p.message.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+            body += &format!("  {}\n", l.trim());
+        }
+    }
+    body += "\n## How it was verified\n\n";
+    body += verification.trim();
+    body += "\n\n## Checklist\n\n- [x] Based on unsloth ";
+    body += PINNED;
+    body += "\n- [x] ruff-formatted, 100 columns, license headers kept\n- [x] Tests included\n- [ ] Reviewed by a maintainer\n";
+    (title, body)
+}

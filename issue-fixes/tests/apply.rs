@@ -1,0 +1,105 @@
+//! git2 patch application and the PR draft, on a small upstream made here.
+
+use std::path::{Path, PathBuf};
+
+use git2::{Repository, Signature};
+use issue_fixes::apply::{apply_series, read_series, repo_from_release, upstream_version, ApplyError};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("issue-fixes-apply-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An "extracted release": unsloth/_version.py and one module.
+fn release(dir: &Path) {
+    std::fs::create_dir_all(dir.join("unsloth")).unwrap();
+    std::fs::write(dir.join("unsloth/_version.py"), "__version__ = \"2026.10.9\"\n").unwrap();
+    std::fs::write(dir.join("unsloth/attn.py"), "def pick(cc):\n    if cc[0] >= 12:\n        return \"sdpa\"\n    return \"xformers\"\n").unwrap();
+}
+
+const PATCH_1: &str = "Probe instead of disabling by capability\n\nRun one forward at sm_120 and keep xformers if it works.\n---\ndiff --git a/unsloth/attn.py b/unsloth/attn.py\n--- a/unsloth/attn.py\n+++ b/unsloth/attn.py\n@@ -1,4 +1,4 @@\n def pick(cc):\n-    if cc[0] >= 12:\n+    if cc[0] >= 12 and not probe():\n         return \"sdpa\"\n     return \"xformers\"\n";
+const PATCH_2: &str = "Add the probe\n---\ndiff --git a/unsloth/probe.py b/unsloth/probe.py\nnew file mode 100644\n--- /dev/null\n+++ b/unsloth/probe.py\n@@ -0,0 +1,2 @@\n+def probe():\n+    return True\n";
+
+fn series(dir: &Path, patches: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, p) in patches.iter().enumerate() {
+        std::fs::write(dir.join(format!("{:04}-p.patch", i + 1)), p).unwrap();
+    }
+}
+
+fn sig() -> Signature<'static> {
+    Signature::now("test", "test@localhost").unwrap()
+}
+
+#[test]
+fn applies_a_series_one_commit_per_patch_on_a_new_branch() {
+    let root = tmp("ok");
+    release(&root.join("rel"));
+    repo_from_release(&root.join("rel"), &root.join("up"), "2026.10.9").unwrap();
+    assert_eq!(upstream_version(&root.join("up")).as_deref(), Some("2026.10.9"));
+    series(&root.join("patches"), &[PATCH_1, PATCH_2]);
+    let patches = read_series(&root.join("patches")).unwrap();
+    assert_eq!(patches[0].subject(), "Probe instead of disabling by capability");
+    let ids = apply_series(&root.join("up"), "fix/4631-attention", &patches, &sig()).unwrap();
+    assert_eq!(ids.len(), 2);
+    let repo = Repository::open(root.join("up")).unwrap();
+    assert_eq!(repo.head().unwrap().shorthand().ok(), Some("fix/4631-attention"));
+    let head = repo.head().unwrap().peel_to_commit().unwrap();
+    assert_eq!(head.summary().ok().flatten(), Some("Add the probe"));
+    assert_eq!(head.parent(0).unwrap().summary().ok().flatten(), Some("Probe instead of disabling by capability"));
+    assert!(std::fs::read_to_string(root.join("up/unsloth/attn.py")).unwrap().contains("and not probe()"));
+    assert!(root.join("up/unsloth/probe.py").exists(), "working tree updated too");
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn a_dirty_checkout_is_refused_and_left_alone() {
+    let root = tmp("dirty");
+    release(&root.join("rel"));
+    repo_from_release(&root.join("rel"), &root.join("up"), "2026.10.9").unwrap();
+    std::fs::write(root.join("up/notes.txt"), "mine").unwrap();
+    series(&root.join("patches"), &[PATCH_1]);
+    let e = apply_series(&root.join("up"), "fix/x", &read_series(&root.join("patches")).unwrap(), &sig()).unwrap_err();
+    assert!(matches!(e, ApplyError::Dirty { .. }), "{e}");
+    assert!(e.to_string().contains("notes.txt"));
+    let repo = Repository::open(root.join("up")).unwrap();
+    assert!(repo.find_branch("fix/x", git2::BranchType::Local).is_err(), "no branch was made");
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn a_patch_that_does_not_apply_names_file_and_hunk_and_changes_nothing() {
+    let root = tmp("bad");
+    release(&root.join("rel"));
+    repo_from_release(&root.join("rel"), &root.join("up"), "2026.10.9").unwrap();
+    let stale = PATCH_1.replace("-    if cc[0] >= 12:", "-    if cc[0] >= 13:");
+    series(&root.join("patches"), &[PATCH_2, &stale]);
+    let e = apply_series(&root.join("up"), "fix/y", &read_series(&root.join("patches")).unwrap(), &sig()).unwrap_err();
+    match &e {
+        ApplyError::DoesNotApply { patch, file, hunk, .. } => {
+            assert!(patch.ends_with("0002-p.patch"), "{patch}");
+            assert_eq!(file, "unsloth/attn.py");
+            assert!(hunk.starts_with("@@ -1,4 +1,4 @@"), "{hunk}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!root.join("up/unsloth/probe.py").exists(), "the first patch was not applied either");
+    let repo = Repository::open(root.join("up")).unwrap();
+    let head = repo.head().unwrap().peel_to_commit().unwrap();
+    assert_eq!(head.summary().ok().flatten(), Some("unsloth 2026.10.9 (PyPI wheels, import packages)"), "HEAD is still the base");
+    assert!(repo.find_branch("fix/y", git2::BranchType::Local).is_err());
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn pr_draft_text() {
+    let root = tmp("draft");
+    series(&root.join("patches"), &[PATCH_1, PATCH_2]);
+    let patches = read_series(&root.join("patches")).unwrap();
+    let b = issue_fixes::find("vlm-data-collator").unwrap();
+    let (title, body) = issue_fixes::draft::pr_text(b, &patches, "Measured on an H100: ...");
+    insta::assert_snapshot!("draft", format!("# {title}\n\n{body}"));
+    let _ = std::fs::remove_dir_all(root);
+}
