@@ -51,8 +51,10 @@ pub fn gpu_bundle() -> Result<()> {
         if v["reason"] == "compiler-artifact" && v["profile"]["test"] == true {
             let kind = v["target"]["kind"][0].as_str().unwrap_or("test");
             let pkg = v["package_id"].as_str().unwrap_or("");
-            // Library unit tests and integration tests; not the harnesses of bins or xtask.
-            if !(kind == "test" || kind == "lib" || kind == "rlib") || pkg.contains("xtask") {
+            // Tests of the crates with GPU code (the CPU-only crates' tests need their own
+            // binaries from target/ and run in CI anyway); not the harnesses of bins.
+            let gpu_crate = ["/nf4#", "/cudakit#"].iter().any(|c| pkg.contains(c));
+            if !(kind == "test" || kind == "lib" || kind == "rlib") || !gpu_crate {
                 continue;
             }
             if let Some(exe) = v["executable"].as_str() {
