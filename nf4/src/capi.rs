@@ -101,3 +101,46 @@ pub unsafe extern "C" fn nf4_dequantize(
 pub extern "C" fn nf4_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: nf4_last_error returns a NUL-terminated thread-local string.
+        unsafe { std::ffi::CStr::from_ptr(nf4_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn bad_arguments_return_codes_and_messages_without_touching_cuda() {
+        let p = 16 as *const u8; // never dereferenced: validation fails first
+        let rc = unsafe {
+            nf4_dequantize(p, p as _, std::ptr::null(), std::ptr::null(), 0.0, std::ptr::null(), 7, 64, 64, 256, p as _, 2, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 1);
+        assert!(last_error().contains("quant_type"), "{}", last_error());
+        let rc = unsafe {
+            nf4_dequantize(p, p as _, std::ptr::null(), std::ptr::null(), 0.0, std::ptr::null(), 0, 64, 64, 256, p as _, 9, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 1);
+        assert!(last_error().contains("out_dtype"), "{}", last_error());
+        let rc = unsafe {
+            nf4_dequantize(p, p as _, std::ptr::null(), std::ptr::null(), 0.0, std::ptr::null(), 0, 64, 48, 256, p as _, 2, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 1);
+        assert!(last_error().contains("blocksize"), "{}", last_error());
+    }
+
+    #[test]
+    fn without_a_driver_it_is_an_error_not_a_crash() {
+        if cudakit::driver_present() {
+            return; // the GPU machine runs the real launch in the GPU tests
+        }
+        let p = 16 as *const u8;
+        let rc = unsafe {
+            nf4_dequantize(p, p as _, std::ptr::null(), std::ptr::null(), 0.0, std::ptr::null(), 0, 64, 64, 256, p as _, 2, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 1);
+        assert!(last_error().contains("driver"), "{}", last_error());
+    }
+}
