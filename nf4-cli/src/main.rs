@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
 use nf4::checkpoint::{save, to_tensors, OwnedTensor};
-use nf4::{Checkpoint, Element, FloatDtype, QuantType, QuantizeOptions};
+use nf4::element::{from_le_bytes, to_le_bytes};
+use nf4::{Checkpoint, FloatDtype, QuantType, QuantizeOptions};
 use safetensors::Dtype;
 
 /// Inspect, quantize, dequantize and verify bitsandbytes 4-bit safetensors checkpoints.
@@ -113,23 +114,6 @@ fn progress(n: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn le_bytes<T: Element>(v: &[T]) -> Vec<u8> {
-    let size = T::DTYPE.size();
-    let mut out = Vec::with_capacity(v.len() * size);
-    for x in v {
-        out.extend_from_slice(&x.to_bits_u32().to_le_bytes()[..size]);
-    }
-    out
-}
-
-fn from_le<T: Element>(bytes: &[u8], dtype: FloatDtype) -> Vec<T> {
-    match dtype {
-        FloatDtype::F32 => bytes.chunks_exact(4).map(|c| T::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-        FloatDtype::F16 => bytes.chunks_exact(2).map(|c| T::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())).collect(),
-        FloatDtype::Bf16 => bytes.chunks_exact(2).map(|c| T::from_f32(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())).collect(),
-    }
-}
-
 fn metadata(ck: &Checkpoint) -> Result<Option<HashMap<String, String>>> {
     let bytes = std::fs::read(ck.path())?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", ck.path().display()))?;
@@ -204,9 +188,9 @@ fn quantize(input: &Path, output: &Path, opts: QuantizeOptions, skip: &[String])
         match dtype {
             Some(d) if eligible => {
                 let q = match d {
-                    FloatDtype::F32 => nf4::quantize(name, &from_le::<f32>(t.data(), d), t.shape(), &opts),
-                    FloatDtype::F16 => nf4::quantize(name, &from_le::<f16>(t.data(), d), t.shape(), &opts),
-                    FloatDtype::Bf16 => nf4::quantize(name, &from_le::<bf16>(t.data(), d), t.shape(), &opts),
+                    FloatDtype::F32 => nf4::quantize(name, &from_le_bytes::<f32>(t.data()), t.shape(), &opts),
+                    FloatDtype::F16 => nf4::quantize(name, &from_le_bytes::<f16>(t.data()), t.shape(), &opts),
+                    FloatDtype::Bf16 => nf4::quantize(name, &from_le_bytes::<bf16>(t.data()), t.shape(), &opts),
                 }
                 .with_context(|| format!("{}: quantizing `{name}`", input.display()))?;
                 out.extend(to_tensors(name, &q)?);
@@ -239,9 +223,9 @@ fn dequantize(input: &Path, output: &Path, dtype: OutDtype) -> Result<()> {
             OutDtype::Bf16 => FloatDtype::Bf16,
         };
         let bytes = match d {
-            FloatDtype::F32 => le_bytes(&nf4::dequantize::<f32>(w, &q.packed, &q.state)?),
-            FloatDtype::F16 => le_bytes(&nf4::dequantize::<f16>(w, &q.packed, &q.state)?),
-            FloatDtype::Bf16 => le_bytes(&nf4::dequantize::<bf16>(w, &q.packed, &q.state)?),
+            FloatDtype::F32 => to_le_bytes(&nf4::dequantize::<f32>(w, &q.packed, &q.state)?),
+            FloatDtype::F16 => to_le_bytes(&nf4::dequantize::<f16>(w, &q.packed, &q.state)?),
+            FloatDtype::Bf16 => to_le_bytes(&nf4::dequantize::<bf16>(w, &q.packed, &q.state)?),
         };
         out.push((w.clone(), d.safetensors(), q.state.output_shape(), bytes));
         pb.inc(1);

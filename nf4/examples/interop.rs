@@ -9,6 +9,7 @@
 
 use half::{bf16, f16};
 use nf4::checkpoint::{save, to_tensors, OwnedTensor};
+use nf4::element::to_le_bytes;
 use nf4::testing::Rng;
 use nf4::{Element, QuantType, QuantizeOptions};
 
@@ -17,10 +18,9 @@ fn add<T: Element>(out: &mut Vec<OwnedTensor>, rng: &mut Rng, name: &str, shape:
     let x: Vec<T> = rng.normal_vec(n, 0.03);
     let q = nf4::quantize(name, &x, shape, &opts)?;
     let back: Vec<T> = nf4::dequantize(name, &q.packed, &q.state)?;
-    let raw = |v: &[T]| -> Vec<u8> { v.iter().flat_map(|e| e.to_bits_u32().to_le_bytes()[..T::DTYPE.size()].to_vec()).collect() };
     out.extend(to_tensors(name, &q)?);
-    out.push((format!("ref.{name}.input"), T::DTYPE.safetensors(), shape.to_vec(), raw(&x)));
-    out.push((format!("ref.{name}.dequant"), T::DTYPE.safetensors(), q.state.output_shape(), raw(&back)));
+    out.push((format!("ref.{name}.input"), T::DTYPE.safetensors(), shape.to_vec(), to_le_bytes(&x)));
+    out.push((format!("ref.{name}.dequant"), T::DTYPE.safetensors(), q.state.output_shape(), to_le_bytes(&back)));
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::codes::QuantType;
-use crate::element::FloatDtype;
+use crate::element::{from_le_bytes, to_le_bytes, FloatDtype};
 use crate::error::{Nf4Error, Result};
 use crate::quantize::Quantized;
 use crate::state::{Absmax, PackedStorage, QuantState};
@@ -111,7 +111,7 @@ fn f32s(weight: &str, field: &str, t: &TensorView<'_>) -> Result<Vec<f32>> {
     if t.dtype() != Dtype::F32 {
         return Err(Nf4Error::field(weight, field, format!("dtype is {:?}, expected F32", t.dtype())));
     }
-    Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(from_le_bytes(t.data()))
 }
 
 fn json_usize(weight: &str, j: &serde_json::Map<String, Value>, field: &str) -> Result<usize> {
@@ -284,10 +284,6 @@ pub fn quant_state_json(state: &QuantState) -> String {
 /// A tensor to write: name, dtype, shape, bytes.
 pub type OwnedTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// The tensors bitsandbytes would write for `weight`. Validates the state first, so a
 /// file we write always reads back (no `NaN` offset in the JSON, no short absmax).
 pub fn to_tensors(weight: &str, q: &Quantized) -> Result<Vec<OwnedTensor>> {
@@ -295,14 +291,14 @@ pub fn to_tensors(weight: &str, q: &Quantized) -> Result<Vec<OwnedTensor>> {
     let st = &q.state;
     let mut out = vec![
         (weight.to_string(), st.storage.dtype, st.storage.shape.clone(), q.packed.clone()),
-        (format!("{weight}.quant_map"), Dtype::F32, vec![16], f32_bytes(&st.code)),
+        (format!("{weight}.quant_map"), Dtype::F32, vec![16], to_le_bytes(&st.code)),
     ];
     match &st.absmax {
-        Absmax::Plain(a) => out.push((format!("{weight}.absmax"), Dtype::F32, vec![a.len()], f32_bytes(a))),
+        Absmax::Plain(a) => out.push((format!("{weight}.absmax"), Dtype::F32, vec![a.len()], to_le_bytes(a))),
         Absmax::Nested { q: codes, absmax2, code2, .. } => {
             out.push((format!("{weight}.absmax"), Dtype::U8, vec![codes.len()], codes.clone()));
-            out.push((format!("{weight}.nested_absmax"), Dtype::F32, vec![absmax2.len()], f32_bytes(absmax2)));
-            out.push((format!("{weight}.nested_quant_map"), Dtype::F32, vec![256], f32_bytes(&code2[..])));
+            out.push((format!("{weight}.nested_absmax"), Dtype::F32, vec![absmax2.len()], to_le_bytes(absmax2)));
+            out.push((format!("{weight}.nested_quant_map"), Dtype::F32, vec![256], to_le_bytes(&code2[..])));
         }
     }
     let json = quant_state_json(st).into_bytes();

@@ -96,6 +96,31 @@ pub trait Element: Copy + Send + Sync + 'static + private::Sealed {
     fn from_f32(x: f32) -> Self;
     /// The raw bits, zero-extended.
     fn to_bits_u32(self) -> u32;
+    /// From raw bits (the low 16 for f16/bf16).
+    fn from_bits_u32(bits: u32) -> Self;
+}
+
+/// Little-endian bytes of a slice of elements (what safetensors stores).
+pub fn to_le_bytes<T: Element>(v: &[T]) -> Vec<u8> {
+    let size = T::DTYPE.size();
+    let mut out = Vec::with_capacity(v.len() * size);
+    for x in v {
+        out.extend_from_slice(&x.to_bits_u32().to_le_bytes()[..size]);
+    }
+    out
+}
+
+/// Elements of `T`'s own dtype from little-endian bytes (a trailing partial element is ignored).
+pub fn from_le_bytes<T: Element>(bytes: &[u8]) -> Vec<T> {
+    let size = T::DTYPE.size();
+    bytes
+        .chunks_exact(size)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..size].copy_from_slice(c);
+            T::from_bits_u32(u32::from_le_bytes(b))
+        })
+        .collect()
 }
 
 impl Element for f32 {
@@ -110,6 +135,9 @@ impl Element for f32 {
     }
     fn to_bits_u32(self) -> u32 {
         self.to_bits()
+    }
+    fn from_bits_u32(bits: u32) -> Self {
+        f32::from_bits(bits)
     }
 }
 
@@ -126,6 +154,9 @@ impl Element for f16 {
     fn to_bits_u32(self) -> u32 {
         self.to_bits() as u32
     }
+    fn from_bits_u32(bits: u32) -> Self {
+        f16::from_bits(bits as u16)
+    }
 }
 
 impl Element for bf16 {
@@ -140,6 +171,9 @@ impl Element for bf16 {
     }
     fn to_bits_u32(self) -> u32 {
         self.to_bits() as u32
+    }
+    fn from_bits_u32(bits: u32) -> Self {
+        bf16::from_bits(bits as u16)
     }
 }
 

@@ -18,7 +18,7 @@ use cudakit::kernel::{self, KernelSource};
 use cudakit::{Gpu, GpuError};
 
 use crate::codes::{QuantType, DYNAMIC_MAP_BITS, FP4_CODE, NF4_CODE};
-use crate::element::{Element, FloatDtype};
+use crate::element::{to_le_bytes, Element, FloatDtype};
 use crate::error::{Nf4Error, Result};
 use crate::quantize::Quantized;
 use crate::state::{Absmax, QuantState, BLOCKSIZES};
@@ -245,8 +245,7 @@ impl GpuQuantized {
         let packed = s.clone_htod(&q.packed[..q.state.packed_len()]).map_err(d)?;
         let (absmax, absmax2, code2) = match &q.state.absmax {
             Absmax::Plain(v) => {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                (s.clone_htod(&bytes).map_err(d)?, None, None)
+                (s.clone_htod(&to_le_bytes(v)).map_err(d)?, None, None)
             }
             Absmax::Nested { q: codes, absmax2, code2, .. } => (
                 s.clone_htod(codes).map_err(d)?,

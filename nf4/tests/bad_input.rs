@@ -64,7 +64,7 @@ fn qs_key(qt: &str) -> String {
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    nf4::element::to_le_bytes(v)
 }
 
 /// The tensors with `name` replaced (it must exist: a typo here would make the test vacuous).

@@ -111,7 +111,7 @@ fn every_tuning_variant_equals_the_cpu() {
         let cpu: Vec<bf16> = nf4::dequantize("w", &q.packed, &q.state).unwrap();
         let packed = s.clone_htod(&q.packed).unwrap();
         let (absmax, absmax2, offset): (CudaSlice<u8>, Option<CudaSlice<f32>>, f32) = match &q.state.absmax {
-            Absmax::Plain(v) => (s.clone_htod(&v.iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<u8>>()).unwrap(), None, 0.0),
+            Absmax::Plain(v) => (s.clone_htod(&bytes_of(v)).unwrap(), None, 0.0),
             Absmax::Nested { q, absmax2, offset, .. } => (s.clone_htod(q).unwrap(), Some(s.clone_htod(absmax2).unwrap()), *offset),
         };
         for v in nf4::gpu::TUNING_VARIANTS {

@@ -11,11 +11,7 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
     }
 }
 
-/// Raw little-endian bytes of a slice of elements.
-pub fn bytes_of<T: Element>(v: &[T]) -> Vec<u8> {
-    let size = T::DTYPE.size();
-    v.iter().flat_map(|x| x.to_bits_u32().to_le_bytes()[..size].to_vec()).collect()
-}
+pub use nf4::element::{from_le_bytes as from_bytes, to_le_bytes as bytes_of};
 
 /// Dequantizes with the fast path into the state's own dtype; returns raw bytes.
 pub fn dequant_bytes(name: &str, packed: &[u8], st: &QuantState, reference: bool) -> Vec<u8> {
@@ -40,19 +36,5 @@ pub fn first_diff(a: &[u8], b: &[u8], size: usize) -> Option<usize> {
 }
 
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-pub fn from_bytes<T: Element>(bytes: &[u8]) -> Vec<T> {
-    match T::DTYPE {
-        FloatDtype::F32 => f32s(bytes).into_iter().map(T::from_f32).collect(),
-        FloatDtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| T::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
-            .collect(),
-        FloatDtype::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| T::from_f32(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
-            .collect(),
-    }
+    from_bytes(bytes)
 }
