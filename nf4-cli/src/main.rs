@@ -1,6 +1,5 @@
 //! `nf4`: inspect, quantize, dequantize and verify bitsandbytes 4-bit safetensors files.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -114,12 +113,6 @@ fn progress(n: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn metadata(ck: &Checkpoint) -> Result<Option<HashMap<String, String>>> {
-    let bytes = std::fs::read(ck.path())?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", ck.path().display()))?;
-    Ok(meta.metadata().clone())
-}
-
 /// Keys that belong to a 4-bit weight's quant state (not tensors of their own).
 fn state_keys(weights: &[String]) -> impl Fn(&str) -> bool + '_ {
     move |k: &str| {
@@ -201,7 +194,7 @@ fn quantize(input: &Path, output: &Path, opts: QuantizeOptions, skip: &[String])
         pb.inc(1);
     }
     pb.finish_and_clear();
-    save(output, &out, metadata(&ck)?)?;
+    save(output, &out, ck.metadata().cloned())?;
     println!("{}: {} of {} tensors quantized to {} (blocksize {}{}) -> {}", input.display(), n_q, names.len(), opts.quant_type.name(), opts.blocksize, if opts.nested { ", double-quant" } else { "" }, output.display());
     Ok(())
 }
@@ -237,7 +230,7 @@ fn dequantize(input: &Path, output: &Path, dtype: OutDtype) -> Result<()> {
             out.push((name.to_string(), t.dtype(), t.shape().to_vec(), t.data().to_vec()));
         }
     }
-    save(output, &out, metadata(&ck)?)?;
+    save(output, &out, ck.metadata().cloned())?;
     println!("{}: {} 4-bit weights dequantized, {} tensors in all -> {}", input.display(), weights.len(), out.len(), output.display());
     Ok(())
 }

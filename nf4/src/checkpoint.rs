@@ -64,6 +64,12 @@ impl Checkpoint {
         TensorView::new(info.dtype, info.shape.clone(), data).ok()
     }
 
+    /// The file's `__metadata__` (string pairs such as `format: pt`), from the header
+    /// parsed at open.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.meta.metadata().as_ref()
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
