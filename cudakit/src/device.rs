@@ -48,10 +48,6 @@ impl Arch {
     pub fn compute_name(self) -> String {
         format!("compute_{}{}", self.major, self.minor)
     }
-    /// Whether the hardware has native bf16 arithmetic (sm_80+).
-    pub fn has_bf16(self) -> bool {
-        self.major >= 8
-    }
 }
 
 impl fmt::Display for Arch {
@@ -144,8 +140,4 @@ impl Gpu {
         self.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))
     }
 
-    /// Waits for all work on [`Gpu::stream`].
-    pub fn sync(&self) -> Result<(), GpuError> {
-        self.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))
-    }
 }

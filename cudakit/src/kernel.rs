@@ -46,14 +46,6 @@ impl KernelSource {
         let key = fnv(name.bytes().chain([0u8]).chain(src.bytes()), FNV_SEED);
         KernelSource { name, src, key }
     }
-    /// The source's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The CUDA C text.
-    pub fn src(&self) -> &str {
-        &self.src
-    }
     fn key(&self) -> u64 {
         self.key
     }
@@ -117,12 +109,6 @@ type FnCache = Mutex<HashMap<(usize, u64), Function>>;
 fn fn_cache() -> &'static FnCache {
     static C: OnceLock<FnCache> = OnceLock::new();
     C.get_or_init(Default::default)
-}
-
-/// The compute capability of the device of the calling thread's current context.
-pub fn current_arch() -> Result<Arch, GpuError> {
-    let (_, dev) = current_context()?;
-    arch_of(dev)
 }
 
 /// How many blocks of `block` threads of `f` can be resident on the whole device at once

@@ -122,7 +122,7 @@ fn invalid(arg: &'static str, problem: impl Into<String>) -> GpuError {
 /// Launch geometry for `n` elements with `units` per thread: a persistent grid of exactly
 /// the blocks that can be resident at once (`resident` = SMs x blocks per SM at this
 /// kernel's occupancy), grid-striding over tiles, never more blocks than tiles.
-pub fn grid_for(n: u64, units: u32, resident: u32) -> u32 {
+fn grid_for(n: u64, units: u32, resident: u32) -> u32 {
     let nunits = n.div_ceil(8);
     let tile = (THREADS * units) as u64;
     nunits.div_ceil(tile).clamp(1, resident.max(1) as u64) as u32
@@ -313,8 +313,4 @@ impl GpuQuantized {
         unsafe { launch_dequant(&args, stream.cu_stream()) }.map_err(g)
     }
 
-    /// The packed device buffer (for benchmarks that time other kernels on the same data).
-    pub fn packed(&self) -> &CudaSlice<u8> {
-        &self.packed
-    }
 }
