@@ -50,8 +50,7 @@ impl Checkpoint {
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|source| Nf4Error::Io { path: path.display().to_string(), source })?;
         let bad = |source| Nf4Error::Safetensors { path: path.display().to_string(), source };
-        // Full validation (offsets against the file size) once, then keep the index.
-        SafeTensors::deserialize(&mmap).map_err(bad)?;
+        // read_metadata validates everything (offsets against the file size); keep its index.
         let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
         Ok(Checkpoint { data_start: 8 + header_len, meta, path, mmap })
     }
