@@ -1,0 +1,829 @@
+//! The CUDA implementation: cuBLAS GEMMs per chunk, the loss kernel generated from the
+//! loss expression ([`crate::codegen`]), f32 accumulation of dW and dbias.
+//!
+//! Per chunk of `c` tokens (all on the caller's stream):
+//! 1. `logits[c, V] = X_c @ W^T` (cuBLAS, output in the input dtype, f32 accumulation);
+//!    the teacher's logits likewise when the loss reads them;
+//! 2. the loss kernel: per-token losses, and d(loss)/d(logits) * upstream written over the
+//!    logits (ignored tokens: zeros);
+//! 3. `dX_c = dlogits @ W` (complete over the vocabulary: one rounding);
+//! 4. `dW += dlogits^T @ X_c` into f32: the caller's f32 gradient itself, or an f32
+//!    accumulator in the workspace rounded once at the end; dbias likewise.
+//!
+//! Temporary memory is the workspace: cuBLAS's own workspace, one chunk of logits (two
+//! with a teacher), per-token losses, and the f32 accumulators when the gradient outputs
+//! are 16-bit. [`layout`] sizes it; [`chunk_for_budget`] picks the chunk for a budget.
+//!
+//! Checks: targets are validated before any GEMM (one tiny kernel and a 16-byte read);
+//! non-finite losses or gradients set a flag the call reads at its end and turn into
+//! [`Error::NonFiniteResult`] naming the first token (the call's gradient outputs are then
+//! unspecified). The call synchronizes the stream before returning.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+use cudakit::kernel::{function_in_current_context, launch, Function, KernelSource};
+use cudakit::GpuError;
+use cudarc::cublas::sys as cb;
+use cudarc::driver::sys as drv;
+
+use crate::codegen::{self, Spec};
+use crate::{Dtype, Error, Loss, Reduction};
+
+/// Bytes of workspace handed to cuBLAS (NVIDIA's recommendation for Hopper).
+pub const CUBLAS_WORKSPACE: usize = 32 << 20;
+const ALIGN: usize = 256;
+
+fn up(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// Where each temporary lives in the workspace (byte offsets) and how big it is in all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// cuBLAS's workspace.
+    pub cublas: usize,
+    /// One chunk of student logits (then their gradient).
+    pub logits: usize,
+    /// One chunk of teacher logits (when used).
+    pub teacher: Option<usize>,
+    /// Per-token losses `[tokens]` f32 (when the caller gives no buffer).
+    pub per_token: Option<usize>,
+    /// Flags and counters (64 bytes).
+    pub flags: usize,
+    /// Packed token parameters `[n][tokens]` f32.
+    pub token_params: Option<usize>,
+    /// Packed class parameters `[n][vocab]` f32.
+    pub class_params: Option<usize>,
+    /// f32 dW accumulator `[vocab, hidden]` (16-bit dW outputs only).
+    pub dw_acc: Option<usize>,
+    /// f32 dbias accumulator `[vocab]` (16-bit dbias outputs only).
+    pub db_acc: Option<usize>,
+    /// Total bytes.
+    pub total: usize,
+}
+
+/// What a call needs beyond its shapes, to size the workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needs {
+    /// Teacher logits buffer.
+    pub teacher: bool,
+    /// Per-token losses live in the workspace.
+    pub per_token: bool,
+    /// Number of token parameters.
+    pub token_params: usize,
+    /// Number of class parameters.
+    pub class_params: usize,
+    /// An f32 dW accumulator (dW wanted and its output is 16-bit).
+    pub dw_acc: bool,
+    /// An f32 dbias accumulator.
+    pub db_acc: bool,
+}
+
+/// The workspace layout for a chunk of `chunk` tokens.
+pub fn layout(tokens: usize, hidden: usize, vocab: usize, dtype: Dtype, chunk: usize, n: Needs) -> Layout {
+    let mut off = 0;
+    let mut take = |bytes: usize| {
+        let at = off;
+        off += up(bytes);
+        at
+    };
+    let cublas = take(CUBLAS_WORKSPACE);
+    let logits = take(chunk * vocab * dtype.size());
+    let teacher = n.teacher.then(|| take(chunk * vocab * dtype.size()));
+    let per_token = n.per_token.then(|| take(tokens * 4));
+    let flags = take(64);
+    let token_params = (n.token_params > 0).then(|| take(n.token_params * tokens * 4));
+    let class_params = (n.class_params > 0).then(|| take(n.class_params * vocab * 4));
+    let dw_acc = n.dw_acc.then(|| take(vocab * hidden * 4));
+    let db_acc = n.db_acc.then(|| take(vocab * 4));
+    Layout { cublas, logits, teacher, per_token, flags, token_params, class_params, dw_acc, db_acc, total: off }
+}
+
+/// The largest chunk (<= tokens) whose workspace fits `budget` bytes, or `None`.
+pub fn chunk_for_budget(tokens: usize, hidden: usize, vocab: usize, dtype: Dtype, n: Needs, budget: usize) -> Option<usize> {
+    let fits = |c: usize| layout(tokens, hidden, vocab, dtype, c, n).total <= budget;
+    if !fits(1) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1, tokens);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}
+
+/// One head on the device: raw pointers (0 = absent).
+#[derive(Clone, Copy, Debug)]
+pub struct RawHead {
+    /// `[tokens, hidden]`.
+    pub x: u64,
+    /// `[vocab, hidden]`.
+    pub w: u64,
+    /// `[vocab]` or 0.
+    pub bias: u64,
+    /// Hidden size.
+    pub hidden: usize,
+}
+
+/// A problem on the device, as raw pointers (what the C ABI and [`run`] share).
+#[derive(Clone, Debug)]
+pub struct RawProblem {
+    /// Tokens.
+    pub tokens: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Element type of x, w, bias, dx, 16-bit dW.
+    pub dtype: Dtype,
+    /// The student head.
+    pub student: RawHead,
+    /// The teacher head.
+    pub teacher: Option<RawHead>,
+    /// `[tokens]` i64, or 0.
+    pub targets: u64,
+    /// Ignored target value.
+    pub ignore_index: i64,
+    /// Token parameters in the loss's order, each `[tokens]` f32.
+    pub token_params: Vec<u64>,
+    /// Class parameters in the loss's order, each `[vocab]` f32.
+    pub class_params: Vec<u64>,
+    /// `[tokens]` f32 upstream gradients (Reduction::None), or 0.
+    pub grad_tokens: u64,
+}
+
+/// Where results go (0 = not wanted).
+#[derive(Clone, Copy, Debug)]
+pub struct RawOutputs {
+    /// f32 scalar: the reduced loss.
+    pub loss: u64,
+    /// `[tokens]` f32 per-token losses (0: kept in the workspace).
+    pub per_token: u64,
+    /// `[tokens, hidden]` dtype.
+    pub dx: u64,
+    /// `[vocab, hidden]` of `dw_dtype`.
+    pub dw: u64,
+    /// F32 (accumulated in place) or the input dtype (f32 accumulator in the workspace).
+    pub dw_dtype: Dtype,
+    /// `[vocab]` of `dw_dtype`, when the head has a bias and dW is wanted.
+    pub db: u64,
+    /// Add to dw / db instead of overwriting them.
+    pub accumulate: bool,
+}
+
+/// What a call did.
+#[derive(Clone, Copy, Debug)]
+pub struct RunInfo {
+    /// Non-ignored tokens.
+    pub counted: usize,
+    /// The normalizer used.
+    pub normalizer: f64,
+    /// Tokens per chunk.
+    pub chunk: usize,
+    /// Workspace bytes used.
+    pub workspace: usize,
+}
+
+/// The workspace needs of a call.
+pub fn needs(loss: &Loss, p: &RawProblem, o: &RawOutputs) -> Needs {
+    Needs {
+        teacher: loss.uses_teacher(),
+        per_token: o.per_token == 0,
+        token_params: loss.token_params().len(),
+        class_params: loss.class_params().len(),
+        dw_acc: o.dw != 0 && o.dw_dtype != Dtype::F32,
+        db_acc: o.dw != 0 && o.db != 0 && p.student.bias != 0 && o.dw_dtype != Dtype::F32,
+    }
+}
+
+struct Handle(cb::cublasHandle_t);
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls do not overlap;
+// every use holds the HANDLES mutex.
+unsafe impl Send for Handle {}
+
+static HANDLES: OnceLock<Mutex<HashMap<usize, Handle>>> = OnceLock::new();
+
+fn cublas_ok(call: &'static str, s: cb::cublasStatus_t) -> Result<(), Error> {
+    if s == cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cublas { call, status: s as i32 })
+    }
+}
+
+fn current_ctx() -> Result<drv::CUcontext, Error> {
+    if !cudakit::driver_present() {
+        return Err(GpuError::NoDriver.into());
+    }
+    let mut ctx: drv::CUcontext = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local. cuInit was done by whoever made a context current;
+    // if none did, this returns an error or a null context.
+    let r = unsafe { drv::cuCtxGetCurrent(&mut ctx) };
+    if r != drv::CUresult::CUDA_SUCCESS || ctx.is_null() {
+        return Err(GpuError::NoCurrentContext.into());
+    }
+    Ok(ctx)
+}
+
+fn ct(d: Dtype) -> cb::cudaDataType {
+    match d {
+        Dtype::F32 => cb::cudaDataType::CUDA_R_32F,
+        Dtype::F16 => cb::cudaDataType::CUDA_R_16F,
+        Dtype::Bf16 => cb::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+/// Column-major `C[m, n] = alpha * op(A) op(B) + beta * C` with f32 compute (no TF32).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    h: cb::cublasHandle_t,
+    call: &'static str,
+    ta: bool,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    (a, at, lda): (u64, Dtype, usize),
+    (b, bt, ldb): (u64, Dtype, usize),
+    beta: f32,
+    (c, ctp, ldc): (u64, Dtype, usize),
+) -> Result<(), Error> {
+    let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
+    let alpha = 1f32;
+    let i = |x: usize| x as i32;
+    cublas_ok(
+        call,
+        cb::cublasGemmEx(
+            h,
+            op(ta),
+            op(tb),
+            i(m),
+            i(n),
+            i(k),
+            &alpha as *const f32 as *const c_void,
+            a as *const c_void,
+            ct(at),
+            i(lda),
+            b as *const c_void,
+            ct(bt),
+            i(ldb),
+            &beta as *const f32 as *const c_void,
+            c as *mut c_void,
+            ct(ctp),
+            i(ldc),
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        ),
+    )
+}
+
+const HELPERS: &str = r#"
+// out[0] += non-ignored tokens; out[1] = min index of a target outside [0, vocab).
+extern "C" __global__ void validate_targets(const long long* t, long long n, long long vocab, long long ignore,
+                                            unsigned long long* out) {
+    unsigned long long count = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        long long x = t[i];
+        if (x == ignore) continue;
+        if (x < 0 || x >= vocab) atomicMin(out + 1, (unsigned long long)i); else ++count;
+    }
+    for (int o = 16; o; o >>= 1) count += __shfl_xor_sync(0xffffffffu, count, o);
+    if ((threadIdx.x & 31) == 0 && count) atomicAdd(out, count);
+}
+
+// out[0] = scale * sum(l[0..n]), in f64, in a fixed order (one block of 1024).
+extern "C" __global__ void sum_losses(const float* l, long long n, double scale, float* out) {
+    __shared__ double sh[32];
+    double s = 0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) s += (double)l[i];
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        s = threadIdx.x < (blockDim.x >> 5) ? sh[threadIdx.x] : 0.0;
+        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (threadIdx.x == 0) out[0] = (float)(s * scale);
+    }
+}
+
+// acc[j] += sum over rows of g[r, j] (dbias), f32.
+extern "C" __global__ void bias_grad(const T* g, long long rows, long long cols, float* acc) {
+    long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    float s = 0.f;
+    for (long long r = 0; r < rows; ++r) s += TO_F(g[r * cols + j]);
+    acc[j] += s;
+}
+
+// out[0] = min index of a non-finite element (out initialised to all ones).
+extern "C" __global__ void first_nonfinite(const T* p, long long n, unsigned long long* out) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        if (!isfinite(TO_F(p[i]))) atomicMin(out, (unsigned long long)i);
+}
+
+// dst = round(acc (+ dst when accumulating)): the one rounding of an f32 accumulator.
+extern "C" __global__ void round_acc(const float* acc, T* dst, long long n, int accumulate) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = acc[i];
+        if (accumulate) v += TO_F(dst[i]);
+        dst[i] = FROM_F(v);
+    }
+}
+"#;
+
+/// The helper kernels' source for `dtype` (target validation, loss sum, dbias, rounding).
+pub fn helpers(dtype: Dtype) -> KernelSource {
+    let (t, to, from) = match dtype {
+        Dtype::F32 => ("float", "f_to_f", "f_to_f"),
+        Dtype::F16 => ("u16", "f16_to_f", "f_to_f16"),
+        Dtype::Bf16 => ("u16", "bf16_to_f", "f_to_bf16"),
+    };
+    let body = codegen::PRELUDE.to_string() + HELPERS;
+    let body = body.replace("TO_F(", &format!("{to}(")).replace("FROM_F(", &format!("{from}(")).replace("const T*", &format!("const {t}*")).replace("T* dst", &format!("{t}* dst"));
+    KernelSource::new(format!("memlinear_helpers_{}", dtype.name()), body)
+}
+
+type LossCache = Mutex<HashMap<(String, Spec), KernelSource>>;
+
+/// The generated source of `loss` for `spec` (generated once per (loss, spec)).
+pub fn loss_source(loss: &Loss, spec: Spec) -> KernelSource {
+    static C: OnceLock<LossCache> = OnceLock::new();
+    let cache = C.get_or_init(Default::default);
+    let key = (loss.dump(), spec);
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    c.entry(key).or_insert_with(|| KernelSource::new(format!("memlinear_loss_{}", loss.name()), codegen::generate(loss, spec))).clone()
+}
+
+fn f(src: &KernelSource, name: &str) -> Result<Function, Error> {
+    Ok(function_in_current_context(src, name)?)
+}
+
+fn drv_ok(call: &'static str, r: drv::CUresult) -> Result<(), Error> {
+    r.result().map_err(GpuError::driver(call)).map_err(Error::from)
+}
+
+/// Runs `loss` over `p` on `stream` in the current context, with the caller's workspace.
+///
+/// # Safety
+/// Every non-zero pointer must be a device allocation of the documented shape and dtype,
+/// valid for the call, in the current context; `workspace` must hold `workspace_bytes`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn run_raw(
+    loss: &Loss,
+    p: &RawProblem,
+    reduction: Reduction,
+    o: &RawOutputs,
+    chunk: usize,
+    workspace: u64,
+    workspace_bytes: usize,
+    stream: drv::CUstream,
+) -> Result<RunInfo, Error> {
+    let (tn, v, hd, dt) = (p.tokens, p.vocab, p.student.hidden, p.dtype);
+    let bad = |m: String| Err(Error::Options(m));
+    if tn == 0 || v == 0 || hd == 0 {
+        return bad(format!("tokens ({tn}), vocab ({v}) and hidden ({hd}) must be positive"));
+    }
+    if v > i32::MAX as usize || hd > i32::MAX as usize || tn > i32::MAX as usize {
+        return bad("tokens, vocab and hidden must each fit in 32 bits (cuBLAS)".into());
+    }
+    if p.student.x == 0 || p.student.w == 0 {
+        return bad("x and w are required".into());
+    }
+    if o.dw != 0 && o.dw_dtype != Dtype::F32 && o.dw_dtype != dt {
+        return bad(format!("dw must be f32 or the input dtype {}, got {}", dt.name(), o.dw_dtype.name()));
+    }
+    if loss.uses_teacher() && p.teacher.is_none() {
+        return bad(format!("loss `{}` reads the teacher's logits but no teacher head was given", loss.name()));
+    }
+    if loss.uses_target() && p.targets == 0 {
+        return bad(format!("loss `{}` reads the targets but none were given", loss.name()));
+    }
+    if p.token_params.len() != loss.token_params().len() || p.class_params.len() != loss.class_params().len() {
+        return bad(format!(
+            "loss `{}` takes token parameters {:?} and class parameters {:?}: got {} and {}",
+            loss.name(),
+            loss.token_params(),
+            loss.class_params(),
+            p.token_params.len(),
+            p.class_params.len()
+        ));
+    }
+    let want_grad = o.dx != 0 || o.dw != 0;
+    if reduction == Reduction::None && want_grad && p.grad_tokens == 0 {
+        return bad("reduction None with gradients needs grad_tokens (the per-token upstream gradients)".into());
+    }
+    if chunk == 0 {
+        return bad("chunk of 0 tokens".into());
+    }
+    let chunk = chunk.min(tn);
+    let n = needs(loss, p, o);
+    let lay = layout(tn, hd, v, dt, chunk, n);
+    if workspace_bytes < lay.total {
+        return bad(format!("workspace has {workspace_bytes} bytes, the call needs {} for chunks of {chunk} tokens", lay.total));
+    }
+    if workspace % 16 != 0 {
+        return bad("workspace must be 16-byte aligned".into());
+    }
+    let ws = |off: usize| workspace + off as u64;
+    let vec_ok = |ptr: u64| ptr == 0 || ptr % 16 == 0;
+    let spec = Spec {
+        dtype: dt,
+        vocab: v,
+        want_grad,
+        bias: p.student.bias != 0,
+        teacher_bias: p.teacher.is_some_and(|t| t.bias != 0) && loss.uses_teacher(),
+        vectorized: (v * dt.size()) % 16 == 0 && vec_ok(p.student.bias) && vec_ok(p.teacher.map_or(0, |t| t.bias)),
+    };
+    let lsrc = loss_source(loss, spec);
+    let hsrc = helpers(dt);
+    let kloss = f(&lsrc, codegen::ENTRY)?;
+    let kval = f(&hsrc, "validate_targets")?;
+    let ksum = f(&hsrc, "sum_losses")?;
+    let kbias = f(&hsrc, "bias_grad")?;
+    let kround = f(&hsrc, "round_acc")?;
+
+    let ctx = current_ctx()?;
+    let handles = HANDLES.get_or_init(Default::default);
+    let mut hs = handles.lock().unwrap_or_else(|p| p.into_inner());
+    if !hs.contains_key(&(ctx as usize)) {
+        if !cb::is_culib_present() {
+            return Err(Error::Options("cuBLAS (libcublas.so.13) was not found on the loader path".into()));
+        }
+        let mut h: cb::cublasHandle_t = std::ptr::null_mut();
+        cublas_ok("cublasCreate", cb::cublasCreate_v2(&mut h))?;
+        hs.insert(ctx as usize, Handle(h));
+    }
+    let h = hs[&(ctx as usize)].0;
+    cublas_ok("cublasSetStream", cb::cublasSetStream_v2(h, stream as cb::cudaStream_t))?;
+    cublas_ok("cublasSetWorkspace", cb::cublasSetWorkspace_v2(h, ws(lay.cublas) as *mut c_void, CUBLAS_WORKSPACE))?;
+    cublas_ok("cublasSetPointerMode", cb::cublasSetPointerMode_v2(h, cb::cublasPointerMode_t::CUBLAS_POINTER_MODE_HOST))?;
+    cublas_ok("cublasSetMathMode", cb::cublasSetMathMode(h, cb::cublasMath_t::CUBLAS_DEFAULT_MATH))?;
+
+    // Flags: [0] target count, [1] first bad target, [2] loss flags, [3] first bad token.
+    let flags = ws(lay.flags);
+    drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(flags, 0, 64, stream))?;
+    drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(flags + 8, 0xff, 8, stream))?;
+    drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(flags + 24, 0xff, 8, stream))?;
+    let mut counted = tn;
+    if p.targets != 0 {
+        let (mut tp, mut n64, mut v64, mut ig, mut fl) = (p.targets, tn as i64, v as i64, p.ignore_index, flags);
+        let mut args: [*mut c_void; 5] = [
+            &mut tp as *mut _ as *mut c_void,
+            &mut n64 as *mut _ as *mut c_void,
+            &mut v64 as *mut _ as *mut c_void,
+            &mut ig as *mut _ as *mut c_void,
+            &mut fl as *mut _ as *mut c_void,
+        ];
+        launch(kval, (tn as u32).div_ceil(256).clamp(1, 1024), 256, 0, stream, &mut args)?;
+        let mut host = [0u64; 2];
+        drv_ok("cuMemcpyDtoHAsync", drv::cuMemcpyDtoHAsync_v2(host.as_mut_ptr() as *mut c_void, flags, 16, stream))?;
+        drv_ok("cuStreamSynchronize", drv::cuStreamSynchronize(stream))?;
+        if host[1] != u64::MAX {
+            let i = host[1] as usize;
+            let mut val = 0i64;
+            drv_ok("cuMemcpyDtoH", drv::cuMemcpyDtoH_v2(&mut val as *mut i64 as *mut c_void, p.targets + 8 * i as u64, 8))?;
+            return Err(Error::Target { index: i, value: val, vocab: v, ignore_index: p.ignore_index });
+        }
+        counted = host[0] as usize;
+    }
+    let norm = crate::normalizer(reduction, counted);
+    let seed_scale = if reduction == Reduction::None { 1.0f32 } else { (1.0 / norm) as f32 };
+
+    // Pack parameters.
+    let pack = |ptrs: &[u64], off: Option<usize>, len: usize| -> Result<u64, Error> {
+        let Some(off) = off else { return Ok(0) };
+        for (k, &src) in ptrs.iter().enumerate() {
+            drv_ok("cuMemcpyDtoDAsync", drv::cuMemcpyDtoDAsync_v2(ws(off) + (k * len * 4) as u64, src, len * 4, stream))?;
+        }
+        Ok(ws(off))
+    };
+    let tp = pack(&p.token_params, lay.token_params, tn)?;
+    let cp = pack(&p.class_params, lay.class_params, v)?;
+    let per_token = if o.per_token != 0 { o.per_token } else { ws(lay.per_token.expect("per-token in workspace")) };
+    let dw_target = match lay.dw_acc {
+        Some(off) => ws(off),
+        None => o.dw,
+    };
+    let db_acc = lay.db_acc.map(ws);
+    if let Some(d) = db_acc {
+        drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(d, 0, v * 4, stream))?;
+    }
+    let zbuf = ws(lay.logits);
+    let tbuf = lay.teacher.map(ws);
+    let es = dt.size() as u64;
+    let mut t0 = 0usize;
+    while t0 < tn {
+        let rows = chunk.min(tn - t0);
+        let xc = p.student.x + (t0 * hd) as u64 * es;
+        gemm(h, "logits GEMM", true, false, (v, rows, hd), (p.student.w, dt, hd), (xc, dt, hd), 0.0, (zbuf, dt, v))?;
+        if let (Some(tb), Some(th)) = (tbuf, p.teacher) {
+            let txc = th.x + (t0 * th.hidden) as u64 * es;
+            gemm(h, "teacher logits GEMM", true, false, (v, rows, th.hidden), (th.w, dt, th.hidden), (txc, dt, th.hidden), 0.0, (tb, dt, v))?;
+        }
+        {
+            let mut a_z = zbuf;
+            let mut a_zt = tbuf.unwrap_or(0);
+            let mut a_b = p.student.bias;
+            let mut a_tb = if spec.teacher_bias { p.teacher.map_or(0, |t| t.bias) } else { 0 };
+            let mut a_tg = if p.targets != 0 { p.targets + 8 * t0 as u64 } else { 0 };
+            let mut a_ig = p.ignore_index;
+            let mut a_tp = if tp != 0 { tp } else { 0 };
+            let mut a_tps = tn as i64;
+            let mut a_cp = cp;
+            let mut a_gt = if p.grad_tokens != 0 { p.grad_tokens + 4 * t0 as u64 } else { 0 };
+            let mut a_ss = seed_scale;
+            let mut a_lo = per_token + 4 * t0 as u64;
+            let mut a_fl = flags + 16;
+            let mut a_t0 = t0 as i64;
+            let mut a_rows = rows as i32;
+            // Token parameters are indexed `tp[k * stride + row]`: offset the base by t0.
+            if a_tp != 0 {
+                a_tp += 4 * t0 as u64;
+            }
+            let mut args: [*mut c_void; 15] = [
+                &mut a_z as *mut _ as *mut c_void,
+                &mut a_zt as *mut _ as *mut c_void,
+                &mut a_b as *mut _ as *mut c_void,
+                &mut a_tb as *mut _ as *mut c_void,
+                &mut a_tg as *mut _ as *mut c_void,
+                &mut a_ig as *mut _ as *mut c_void,
+                &mut a_tp as *mut _ as *mut c_void,
+                &mut a_tps as *mut _ as *mut c_void,
+                &mut a_cp as *mut _ as *mut c_void,
+                &mut a_gt as *mut _ as *mut c_void,
+                &mut a_ss as *mut _ as *mut c_void,
+                &mut a_lo as *mut _ as *mut c_void,
+                &mut a_fl as *mut _ as *mut c_void,
+                &mut a_t0 as *mut _ as *mut c_void,
+                &mut a_rows as *mut _ as *mut c_void,
+            ];
+            launch(kloss, rows as u32, codegen::BLOCK, 0, stream, &mut args)?;
+        }
+        if o.dx != 0 {
+            let dxc = o.dx + (t0 * hd) as u64 * es;
+            gemm(h, "dX GEMM", false, false, (hd, rows, v), (p.student.w, dt, hd), (zbuf, dt, v), 0.0, (dxc, dt, hd))?;
+        }
+        if o.dw != 0 {
+            let beta = if t0 == 0 && !(o.accumulate && lay.dw_acc.is_none()) { 0.0 } else { 1.0 };
+            gemm(h, "dW GEMM", false, true, (hd, v, rows), (xc, dt, hd), (zbuf, dt, v), beta, (dw_target, Dtype::F32, hd))?;
+            if o.db != 0 && p.student.bias != 0 {
+                let acc = db_acc.unwrap_or(o.db);
+                if t0 == 0 && db_acc.is_none() && !o.accumulate {
+                    drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(acc, 0, v * 4, stream))?;
+                }
+                let (mut g, mut r, mut c, mut a) = (zbuf, rows as i64, v as i64, acc);
+                let mut args: [*mut c_void; 4] =
+                    [&mut g as *mut _ as *mut c_void, &mut r as *mut _ as *mut c_void, &mut c as *mut _ as *mut c_void, &mut a as *mut _ as *mut c_void];
+                launch(kbias, (v as u32).div_ceil(256), 256, 0, stream, &mut args)?;
+            }
+        }
+        t0 += rows;
+    }
+    let round = |acc: u64, dst: u64, len: usize| -> Result<(), Error> {
+        let (mut a, mut d, mut n64, mut accu) = (acc, dst, len as i64, i32::from(o.accumulate));
+        let mut args: [*mut c_void; 4] =
+            [&mut a as *mut _ as *mut c_void, &mut d as *mut _ as *mut c_void, &mut n64 as *mut _ as *mut c_void, &mut accu as *mut _ as *mut c_void];
+        launch(kround, (len as u32).div_ceil(256).clamp(1, 4096), 256, 0, stream, &mut args)
+            .map_err(Error::from)
+    };
+    if let Some(off) = lay.dw_acc {
+        round(ws(off), o.dw, v * hd)?;
+    }
+    if let Some(acc) = db_acc {
+        round(acc, o.db, v)?;
+    }
+    if o.loss != 0 {
+        let (mut l, mut n64, mut sc, mut out) = (per_token, tn as i64, if reduction == Reduction::None { 1.0f64 } else { 1.0 / norm }, o.loss);
+        let mut args: [*mut c_void; 4] =
+            [&mut l as *mut _ as *mut c_void, &mut n64 as *mut _ as *mut c_void, &mut sc as *mut _ as *mut c_void, &mut out as *mut _ as *mut c_void];
+        launch(ksum, 1, 1024, 0, stream, &mut args)?;
+    }
+    let mut host = [0u64; 2];
+    drv_ok("cuMemcpyDtoHAsync", drv::cuMemcpyDtoHAsync_v2(host.as_mut_ptr() as *mut c_void, flags + 16, 16, stream))?;
+    drv_ok("cuStreamSynchronize", drv::cuStreamSynchronize(stream))?;
+    if host[0] & 4 != 0 {
+        return bad("a target outside the vocabulary reached the loss kernel (validated targets changed during the call?)".into());
+    }
+    if host[0] & 3 != 0 {
+        // Error path only: name the input at fault, if one is.
+        let kfin = f(&hsrc, "first_nonfinite")?;
+        let mut inputs: Vec<(String, u64, usize, usize)> =
+            vec![("x".into(), p.student.x, tn * hd, hd), ("w".into(), p.student.w, v * hd, hd), ("bias".into(), p.student.bias, v, 1)];
+        if let Some(t) = p.teacher {
+            inputs.extend([("teacher.x".into(), t.x, tn * t.hidden, t.hidden), ("teacher.w".into(), t.w, v * t.hidden, t.hidden), ("teacher.bias".into(), t.bias, v, 1)]);
+        }
+        for (name, ptr, len, cols) in inputs {
+            if ptr == 0 {
+                continue;
+            }
+            drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(flags, 0xff, 8, stream))?;
+            let (mut a, mut n64, mut out) = (ptr, len as i64, flags);
+            let mut args: [*mut c_void; 3] = [&mut a as *mut _ as *mut c_void, &mut n64 as *mut _ as *mut c_void, &mut out as *mut _ as *mut c_void];
+            launch(kfin, (len as u32).div_ceil(256).clamp(1, 4096), 256, 0, stream, &mut args)?;
+            let mut first = [0u64; 1];
+            drv_ok("cuMemcpyDtoHAsync", drv::cuMemcpyDtoHAsync_v2(first.as_mut_ptr() as *mut c_void, flags, 8, stream))?;
+            drv_ok("cuStreamSynchronize", drv::cuStreamSynchronize(stream))?;
+            if first[0] != u64::MAX {
+                let i = first[0] as usize;
+                let at = if cols > 1 { format!("[{}, {}]", i / cols, i % cols) } else { format!("[{i}]") };
+                let mut raw = [0u8; 4];
+                drv_ok("cuMemcpyDtoH", drv::cuMemcpyDtoH_v2(raw.as_mut_ptr() as *mut c_void, ptr + (i * dt.size()) as u64, dt.size()))?;
+                let value = match dt {
+                    Dtype::F32 => f32::from_le_bytes(raw),
+                    Dtype::F16 => half::f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+                    Dtype::Bf16 => half::bf16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+                };
+                return Err(Error::NonFinite { arg: name, at, value: format!("{value}") });
+            }
+        }
+        let what = if host[0] & 1 != 0 { "loss" } else { "gradient" };
+        return Err(Error::NonFiniteResult { token: host[1] as usize, what: what.into() });
+    }
+    drop(hs);
+    Ok(RunInfo { counted, normalizer: norm, chunk, workspace: lay.total })
+}
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+
+use crate::{Chunk, Elem};
+
+/// One head on the device.
+pub struct DeviceHead<'a, T> {
+    /// `[tokens, hidden]`.
+    pub x: &'a CudaSlice<T>,
+    /// `[vocab, hidden]`.
+    pub w: &'a CudaSlice<T>,
+    /// `[vocab]`.
+    pub bias: Option<&'a CudaSlice<T>>,
+    /// Hidden size.
+    pub hidden: usize,
+}
+
+/// A problem on the device (see [`crate::Problem`] for the meaning of each field).
+pub struct DeviceProblem<'a, T> {
+    /// Tokens.
+    pub tokens: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// The student head.
+    pub student: DeviceHead<'a, T>,
+    /// The teacher head.
+    pub teacher: Option<DeviceHead<'a, T>>,
+    /// `[tokens]`.
+    pub targets: Option<&'a CudaSlice<i64>>,
+    /// Ignored target value.
+    pub ignore_index: i64,
+    /// Per-token parameters by name.
+    pub token_params: Vec<(&'a str, &'a CudaSlice<f32>)>,
+    /// Per-class parameters by name.
+    pub class_params: Vec<(&'a str, &'a CudaSlice<f32>)>,
+    /// Per-token upstream gradients (Reduction::None).
+    pub grad_tokens: Option<&'a CudaSlice<f32>>,
+}
+
+/// A dW / dbias output: f32 (accumulated in place) or the input dtype (rounded once from
+/// an f32 accumulator in the workspace).
+pub enum GradBuf<'a, T> {
+    /// f32.
+    F32(&'a mut CudaSlice<f32>),
+    /// The input dtype.
+    Same(&'a mut CudaSlice<T>),
+}
+
+/// Gradient outputs (None: not computed; no dw: frozen head).
+pub struct DeviceGrads<'a, T> {
+    /// `[tokens, hidden]`.
+    pub dx: Option<&'a mut CudaSlice<T>>,
+    /// `[vocab, hidden]`.
+    pub dw: Option<GradBuf<'a, T>>,
+    /// `[vocab]` (same kind as dw).
+    pub db: Option<GradBuf<'a, T>>,
+    /// Add into dw / db instead of overwriting.
+    pub accumulate: bool,
+}
+
+/// Results of [`run`].
+#[derive(Clone, Debug)]
+pub struct DeviceOutput {
+    /// The reduced loss.
+    pub loss: f32,
+    /// Per-token losses.
+    pub per_token: Vec<f32>,
+    /// What the call did.
+    pub info: RunInfo,
+}
+
+fn check_len(arg: &str, got: usize, expected: usize, why: &str) -> Result<(), Error> {
+    if got != expected {
+        return Err(Error::Shape { arg: arg.into(), got, expected, why: why.into() });
+    }
+    Ok(())
+}
+
+/// Runs `loss` on the device `gpu` (its stream), allocating the workspace for `chunk`.
+pub fn run<T: Elem + DeviceRepr>(
+    gpu: &cudakit::Gpu,
+    loss: &Loss,
+    p: &DeviceProblem<'_, T>,
+    reduction: Reduction,
+    chunk: Chunk,
+    mut g: DeviceGrads<'_, T>,
+) -> Result<DeviceOutput, Error> {
+    gpu.bind()?;
+    let s = gpu.stream();
+    let (tn, v) = (p.tokens, p.vocab);
+    let mut heads = vec![("student", &p.student)];
+    if let Some(t) = &p.teacher {
+        heads.push(("teacher", t));
+    }
+    for (who, h) in &heads {
+        let why = format!("[tokens={tn}, hidden={}]", h.hidden);
+        check_len(&format!("{who}.x"), h.x.len(), tn * h.hidden, &why)?;
+        check_len(&format!("{who}.w"), h.w.len(), v * h.hidden, &format!("[vocab={v}, hidden={}]", h.hidden))?;
+        if let Some(b) = h.bias {
+            check_len(&format!("{who}.bias"), b.len(), v, &format!("[vocab={v}]"))?;
+        }
+    }
+    if let Some(t) = p.targets {
+        check_len("targets", t.len(), tn, &format!("[tokens={tn}]"))?;
+    }
+    if let Some(t) = p.grad_tokens {
+        check_len("grad_tokens", t.len(), tn, &format!("[tokens={tn}]"))?;
+    }
+    let hd = p.student.hidden;
+    let bind = |declared: &[String], given: &[(&str, &CudaSlice<f32>)], len: usize, kind: &str| -> Result<Vec<u64>, Error> {
+        let bufs = crate::bind_named(loss, kind, declared, given, len, |b| b.len())?;
+        Ok(bufs.into_iter().map(|b| b.device_ptr(s).0).collect())
+    };
+    let token_params = bind(loss.token_params(), &p.token_params, tn, "token")?;
+    let class_params = bind(loss.class_params(), &p.class_params, v, "class")?;
+    let raw_head = |h: &DeviceHead<'_, T>| RawHead { x: h.x.device_ptr(s).0, w: h.w.device_ptr(s).0, bias: h.bias.map_or(0, |b| b.device_ptr(s).0), hidden: h.hidden };
+    let rp = RawProblem {
+        tokens: tn,
+        vocab: v,
+        dtype: T::DTYPE,
+        student: raw_head(&p.student),
+        teacher: p.teacher.as_ref().map(raw_head),
+        targets: p.targets.map_or(0, |t| t.device_ptr(s).0),
+        ignore_index: p.ignore_index,
+        token_params,
+        class_params,
+        grad_tokens: p.grad_tokens.map_or(0, |t| t.device_ptr(s).0),
+    };
+    let grad_ptr = |b: &mut Option<GradBuf<'_, T>>, len: usize, arg: &str| -> Result<(u64, Dtype), Error> {
+        Ok(match b {
+            None => (0, T::DTYPE),
+            Some(GradBuf::F32(x)) => {
+                check_len(arg, x.len(), len, "")?;
+                (x.device_ptr_mut(s).0, Dtype::F32)
+            }
+            Some(GradBuf::Same(x)) => {
+                check_len(arg, x.len(), len, "")?;
+                (x.device_ptr_mut(s).0, T::DTYPE)
+            }
+        })
+    };
+    let (dw, dw_dtype) = grad_ptr(&mut g.dw, v * hd, "dw")?;
+    let (db, db_dtype) = grad_ptr(&mut g.db, v, "db")?;
+    if db != 0 && (dw == 0 || db_dtype != dw_dtype) {
+        return Err(Error::Options("db needs dw, of the same kind (f32 or the input dtype)".into()));
+    }
+    let dx = match g.dx.as_mut() {
+        None => 0,
+        Some(x) => {
+            check_len("dx", x.len(), tn * hd, "[tokens, hidden]")?;
+            x.device_ptr_mut(s).0
+        }
+    };
+    let mut loss_buf = s.alloc_zeros::<f32>(1).map_err(GpuError::driver("cuMemAlloc"))?;
+    let mut per_token = s.alloc_zeros::<f32>(tn).map_err(GpuError::driver("cuMemAlloc"))?;
+    let ro = RawOutputs {
+        loss: loss_buf.device_ptr_mut(s).0,
+        per_token: per_token.device_ptr_mut(s).0,
+        dx,
+        dw,
+        dw_dtype,
+        db,
+        accumulate: g.accumulate,
+    };
+    let n = needs(loss, &rp, &ro);
+    let c = match chunk {
+        Chunk::Tokens(c) => c.clamp(1, tn),
+        Chunk::Budget(b) => chunk_for_budget(tn, hd, v, T::DTYPE, n, b as usize)
+            .ok_or_else(|| Error::Options(format!("a budget of {b} bytes does not fit even one token's chunk")))?,
+    };
+    let total = layout(tn, hd, v, T::DTYPE, c, n).total;
+    // SAFETY: u8 workspace, fully written before read by the call.
+    let mut ws = unsafe { s.alloc::<u8>(total) }.map_err(GpuError::driver("cuMemAlloc"))?;
+    let wsp = ws.device_ptr_mut(s).0;
+    // SAFETY: every pointer above comes from a live buffer of the checked length and dtype,
+    // in this context; the call synchronizes the stream before returning.
+    let info = unsafe { run_raw(loss, &rp, reduction, &ro, c, wsp, total, s.cu_stream()) }?;
+    let l = s.clone_dtoh(&loss_buf).map_err(GpuError::driver("cuMemcpyDtoH"))?;
+    let pt = s.clone_dtoh(&per_token).map_err(GpuError::driver("cuMemcpyDtoH"))?;
+    drop(ws);
+    Ok(DeviceOutput { loss: l[0], per_token: pt, info })
+}
