@@ -1,6 +1,6 @@
 //! `cargo xtask gpu-bundle`: everything the GPU machine needs, in bundle/.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -8,10 +8,55 @@ use anyhow::{bail, Context, Result};
 use crate::{cargo, root, run};
 
 const BNB: &str = "bitsandbytes==0.50.2";
+/// The memlinear comparison's baselines: pure Python (Triton) wheels, used without their deps.
+const LIGER: &str = "liger-kernel==0.8.5";
+const CCE: &str = "cut-cross-entropy==25.1.1";
 const LIMIT: u64 = 64 << 20;
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to).with_context(|| format!("copy {} -> {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// The wheel for `spec` from target/wheels (`file_prefix`: how its file name starts),
+/// downloaded there first if missing: no deps, for CPython 3.12 on x86-64 Linux (the GPU
+/// machine's Python).
+fn wheel(cache: &Path, spec: &str, file_prefix: &str) -> Result<PathBuf> {
+    let find = || {
+        std::fs::read_dir(cache)
+            .ok()
+            .and_then(|d| d.flatten().find(|e| e.file_name().to_string_lossy().starts_with(file_prefix)))
+            .map(|e| e.path())
+    };
+    if find().is_none() {
+        run(Command::new("python3").args([
+            "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+            "--implementation", "cp", "--platform", "manylinux_2_24_x86_64", "-d",
+        ]).arg(cache).arg(spec))?;
+    }
+    find().with_context(|| format!("{spec}: no wheel in {} after the download", cache.display()))
+}
+
+/// Extracts from `wheel` into `dest` the members whose names start with one of `prefixes` and
+/// end with one of `suffixes`.
+fn extract(wheel: &Path, dest: &Path, prefixes: &[&str], suffixes: &[&str]) -> Result<()> {
+    run(Command::new("python3").arg("-c").arg(
+        "import sys, zipfile\n\
+         z = zipfile.ZipFile(sys.argv[1])\n\
+         pre, suf = tuple(sys.argv[3].split(',')), tuple(sys.argv[4].split(','))\n\
+         keep = [n for n in z.namelist() if n.startswith(pre) and n.endswith(suf)]\n\
+         assert keep, f'{sys.argv[1]}: nothing matches {pre} / {suf}'\n\
+         [z.extract(n, sys.argv[2]) for n in keep]\n",
+    ).arg(wheel).arg(dest).arg(prefixes.join(",")).arg(suffixes.join(",")))
+}
+
+fn copy_py(from_dir: &Path, to_dir: &Path) -> Result<()> {
+    for f in std::fs::read_dir(from_dir).with_context(|| format!("reading {}", from_dir.display()))? {
+        let f = f?.path();
+        if f.extension().is_some_and(|e| e == "py") {
+            copy(&f, &to_dir.join(f.file_name().expect("file")))?;
+        }
+    }
     Ok(())
 }
 
@@ -36,6 +81,18 @@ pub fn gpu_bundle() -> Result<()> {
     copy(&root.join("target/release/libnf4.so"), &b.join("lib/libnf4.so"))?;
     copy(&root.join("target/release/nf4-bench"), &b.join("bin/nf4-bench"))?;
     copy(&root.join("target/release/examples/interop"), &b.join("bin/interop"))?;
+    // memlinear: its C ABI library and bench binary, once the crate exists.
+    let memlinear = root.join("memlinear/Cargo.toml").exists();
+    if memlinear {
+        run(cargo().args(["build", "--release", "-p", "memlinear", "--lib", "--bins"]))?;
+        copy(&root.join("target/release/libmemlinear.so"), &b.join("lib/libmemlinear.so"))?;
+        let bench = root.join("target/release/memlinear-bench");
+        if bench.exists() {
+            copy(&bench, &b.join("bin/memlinear-bench"))?;
+        }
+    } else {
+        println!("note: no memlinear crate yet: bundle/ has no libmemlinear.so (run.sh memlinear will say so)");
+    }
 
     // Test executables: `cargo test --no-run` prints their paths as JSON messages.
     let out = cargo()
@@ -53,12 +110,14 @@ pub fn gpu_bundle() -> Result<()> {
             let pkg = v["package_id"].as_str().unwrap_or("");
             // Tests of the crates with GPU code (the CPU-only crates' tests need their own
             // binaries from target/ and run in CI anyway); not the harnesses of bins.
-            let gpu_crate = ["/nf4#", "/cudakit#"].iter().any(|c| pkg.contains(c));
+            let gpu_crate = ["/nf4#", "/cudakit#", "/memlinear#"].iter().any(|c| pkg.contains(c));
             if !(kind == "test" || kind == "lib" || kind == "rlib") || !gpu_crate {
                 continue;
             }
             if let Some(exe) = v["executable"].as_str() {
-                let name = format!("{}-{}-{}", v["target"]["name"].as_str().unwrap_or("t"), kind, n_tests);
+                // "<crate>--<target>-<kind>-<n>": run.sh selects a crate's tests by prefix.
+                let krate = pkg.rsplit('/').next().unwrap_or("").split('#').next().unwrap_or("x");
+                let name = format!("{krate}--{}-{}-{}", v["target"]["name"].as_str().unwrap_or("t"), kind, n_tests);
                 copy(Path::new(exe), &b.join("tests").join(name))?;
                 n_tests += 1;
             }
@@ -68,25 +127,15 @@ pub fn gpu_bundle() -> Result<()> {
     // A slim bitsandbytes: Python files and the CUDA 13.0 library only (~5 MB of 43).
     let cache = root.join("target/wheels");
     std::fs::create_dir_all(&cache)?;
-    let have_wheel = |c: &Path| std::fs::read_dir(c).ok().and_then(|d| d.flatten().find(|e| e.file_name().to_string_lossy().starts_with("bitsandbytes-0.50.2")));
-    if have_wheel(&cache).is_none() {
-        run(Command::new("python3").args([
-            "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-            "--implementation", "cp", "--platform", "manylinux_2_24_x86_64", "-d",
-        ]).arg(&cache).arg(BNB))?;
-    }
-    let wheel = have_wheel(&cache).context("bitsandbytes wheel missing after download")?.path();
-    run(Command::new("python3").arg("-c").arg(
-        "import sys, zipfile\n\
-         z = zipfile.ZipFile(sys.argv[1])\n\
-         keep = [n for n in z.namelist() if n.startswith('bitsandbytes/') and (n.endswith(('.py', 'py.typed')) or n.endswith(('_cuda130.so', '_cpu.so')))]\n\
-         [z.extract(n, sys.argv[2]) for n in keep]\n",
-    ).arg(&wheel).arg(b.join("py")))?;
-    for f in std::fs::read_dir(root.join("nf4/py"))? {
-        let f = f?.path();
-        if f.extension().is_some_and(|e| e == "py") {
-            copy(&f, &b.join("py").join(f.file_name().expect("file")))?;
-        }
+    let py = b.join("py");
+    extract(&wheel(&cache, BNB, "bitsandbytes-0.50.2")?, &py, &["bitsandbytes/"], &[".py", "py.typed", "_cuda130.so", "_cpu.so"])?;
+    // Liger and Cut Cross-Entropy: their Python packages, and METADATA so that
+    // importlib.metadata reports their versions.
+    extract(&wheel(&cache, LIGER, "liger_kernel-0.8.5-")?, &py, &["liger_kernel/", "liger_kernel-0.8.5.dist-info/METADATA"], &[".py", "py.typed", "METADATA"])?;
+    extract(&wheel(&cache, CCE, "cut_cross_entropy-25.1.1-")?, &py, &["cut_cross_entropy/", "cut_cross_entropy-25.1.1.dist-info/METADATA"], &[".py", "py.typed", "METADATA"])?;
+    copy_py(&root.join("nf4/py"), &py)?;
+    if root.join("memlinear/py").is_dir() {
+        copy_py(&root.join("memlinear/py"), &py)?;
     }
     std::fs::write(b.join("run.sh"), include_str!("run.sh"))?;
     let total = size(&b);

@@ -15,21 +15,24 @@ cargo xtask <command>
 
 Commands:
   bench [SUITE...] [--from-device DIR [--tag NAME]]
-      SUITE: nf4, compile-audit (none named = all).
+      SUITE: nf4, compile-audit, memlinear (none named = all).
       Runs every benchmark suite that can run here and writes bench/results/*.json and
       bench/RESULTS.md. CPU suites always run. GPU suites run when a GPU (driver, NVRTC,
       device) is present, and the comparison against bitsandbytes / the Unsloth-style
       path when python3 also imports torch and bitsandbytes; otherwise they are listed as
-      skipped, with the reason. Results measured elsewhere stay in RESULTS.md, each with
-      its card's name.
+      skipped, with the reason. memlinear runs its CPU bench here; its GPU comparison
+      (vs torch eager, Liger, Cut Cross-Entropy) and parity checks run on the GPU machine
+      (`bash bundle/run.sh memlinear`). Results measured elsewhere stay in RESULTS.md,
+      each with its card's name.
       --from-device DIR [--tag NAME]: take the JSON a device run wrote (the $OUT files
       of `bash bundle/run.sh`) into bench/results (or bench/results/NAME, for a run on
       another card kept beside the main one), then regenerate RESULTS.md.
 
   gpu-bundle
-      Builds, for a GPU machine without Rust: release binaries, libnf4.so, every test
-      executable, the Python scripts and a slim bitsandbytes (CUDA 13.0 library only) into
-      bundle/ (ignored by git, < 64 MiB), with bundle/run.sh to run there. See README.
+      Builds, for a GPU machine without Rust: release binaries, libnf4.so, libmemlinear.so,
+      every test executable, the Python scripts, a slim bitsandbytes (CUDA 13.0 library
+      only) and the Liger / Cut Cross-Entropy Python packages into bundle/ (ignored by
+      git, < 64 MiB), with bundle/run.sh to run there. See README.
 
   pr [--list | --verify-upstream | SLUG [--upstream PATH]]
       The Unsloth bounties (issue-fixes crate). --list (default): each one's status in the
@@ -93,7 +96,7 @@ fn bench(args: &[String]) -> Result<()> {
         report::write_markdown(&results, &root().join("bench/RESULTS.md"), &[])?;
         return Ok(());
     }
-    const SUITES: [&str; 2] = ["nf4", "compile-audit"];
+    const SUITES: [&str; 3] = ["nf4", "compile-audit", "memlinear"];
     let named: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
     for a in &named {
         if !SUITES.contains(a) {
@@ -105,6 +108,20 @@ fn bench(args: &[String]) -> Result<()> {
     if wants("compile-audit") {
         println!("== compile-audit: parse + report a >= 100 MB trace, vs tlparse");
         tlparse_bench::bench(&results, &mut skipped)?;
+    }
+    if wants("memlinear") {
+        if root().join("memlinear/Cargo.toml").exists() {
+            println!("== memlinear: CPU chunked linear + loss");
+            run(cargo().args(["build", "--release", "--quiet", "-p", "memlinear", "--bin", "memlinear-bench"]))?;
+            run(Command::new(root().join("target/release/memlinear-bench"))
+                .args(["cpu", "--json"])
+                .arg(results.join("memlinear-cpu.json")))?;
+        }
+        skipped.push(
+            "memlinear GPU comparison vs torch/Liger/CCE needs the GPU machine: cargo xtask gpu-bundle, then bash \
+             bundle/run.sh memlinear; ingest with --from-device"
+                .into(),
+        );
     }
     if !wants("nf4") {
         report::write_markdown(&results, &root().join("bench/RESULTS.md"), &skipped)?;

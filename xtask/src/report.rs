@@ -7,7 +7,14 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 /// Files a device run writes under $OUT that belong in bench/results.
-const DEVICE_FILES: [&str; 3] = ["nf4-gpu-sweep.json", "nf4-gpu-vs-bnb.json", "nf4-interop.json"];
+const DEVICE_FILES: [&str; 6] = [
+    "nf4-gpu-sweep.json",
+    "nf4-gpu-vs-bnb.json",
+    "nf4-interop.json",
+    "memlinear-gpu-vs-baselines.json",
+    "memlinear-gpu-parity.json",
+    "memlinear-gpu-sweep.json",
+];
 
 pub fn ingest(dir: &Path, results: &Path) -> Result<usize> {
     let mut n = 0;
@@ -29,6 +36,24 @@ fn load(results: &Path, name: &str) -> Option<Value> {
 
 fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// A number with `prec` decimals, or "-" where the JSON has none.
+fn num(v: &Value, prec: usize) -> String {
+    v.as_f64().map_or_else(|| "-".to_string(), |x| format!("{x:.prec$}"))
+}
+
+fn text<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("?")
+}
+
+/// A string as it is, a number as JSON writes it, "-" for none.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
 }
 
 pub fn write_markdown(results: &Path, out: &Path, skipped: &[String]) -> Result<()> {
@@ -139,6 +164,7 @@ fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
         }
         *md += "\n";
     }
+    memlinear_gpu(md, results, deeper);
     if let Some(v) = load(results, "nf4-interop.json") {
         let _ = writeln!(md, "##{deeper} nf4 interop: our checkpoints loaded by bitsandbytes (GPU machine)\n");
         *md += "| weight | elements | bnb loads, dequant bit-identical | packed bytes differing from bnb's own quantization | absmax differing | offset ours / bnb |\n|---|---|---|---|---|---|\n";
@@ -149,6 +175,128 @@ fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
                 r["weight"].as_str().unwrap_or("?"), r["elements"], r["bnb_loads_and_dequant_equal"],
                 r["packed_bytes_differing"], r["packed_bytes"], r["absmax_differing"], r["offset_ours"], r["offset_bnb"]
             );
+        }
+        *md += "\n";
+    }
+}
+
+/// The baselines the goals compare with (their default settings).
+const LCE_BASELINES: [&str; 2] = ["liger_flce", "cce"];
+const LCE_GOALS: [&str; 4] = ["speed_vs_best_baseline", "temp_memory", "frozen_over_trainable", "loss_vs_eager"];
+
+fn memlinear_gpu(md: &mut String, results: &Path, deeper: &str) {
+    if let Some(v) = load(results, "memlinear-gpu-vs-baselines.json") {
+        let _ = writeln!(
+            md,
+            "##{deeper} memlinear: linear + cross-entropy vs torch eager, Liger, Cut Cross-Entropy ({}, torch {}, Liger {}, CCE {})\n",
+            text(&v, "device"), text(&v, "torch"), text(&v, "liger"), text(&v, "cce")
+        );
+        let _ = writeln!(
+            md,
+            "Forward+backward, gradients for x and W, one process, same tensors; median of CUDA-event timings after \
+             warm-up (`memlinear/py/bench_lce.py`). Setup: {}. Extra peak: {}\n",
+            text(&v, "setup"), text(&v, "memory")
+        );
+        for k in ["liger_flce_defaults", "cce_defaults"] {
+            if let Some(d) = v["apis"][k].as_str() {
+                let _ = writeln!(md, "- {}: {d}", if k.starts_with("liger") { "Liger" } else { "CCE" });
+            }
+        }
+        *md += "\n";
+        let rows: Vec<&Value> = v["rows"].as_array().into_iter().flatten().collect();
+        let shape = |r: &Value| (r["T"].as_u64(), r["H"].as_u64(), r["V"].as_u64());
+        let mut shapes = vec![];
+        for r in &rows {
+            if !shapes.contains(&shape(r)) {
+                shapes.push(shape(r));
+            }
+        }
+        let ok = |r: &Value| r["error"].is_null() && r["skipped"].is_null() && r["fwd_bwd_ms"].is_f64();
+        for s in shapes {
+            let at: Vec<&Value> = rows.iter().copied().filter(|r| shape(r) == s).collect();
+            let best = at
+                .iter()
+                .filter(|r| ok(r) && LCE_BASELINES.contains(&text(r, "impl")))
+                .map(|r| f(r, "fwd_bwd_ms"))
+                .fold(f64::INFINITY, f64::min);
+            let _ = writeln!(
+                md,
+                "###{deeper} {} x {} x {} (tokens x hidden x vocab), bf16\n",
+                s.0.unwrap_or(0), s.1.unwrap_or(0), s.2.unwrap_or(0)
+            );
+            *md += "| impl | config | chunk | time (ms) | vs faster of Liger/CCE | extra peak (GB) | grad outputs (GB) | loss |\n";
+            *md += "|---|---|---|---|---|---|---|---|\n";
+            for r in at {
+                let time = if let Some(e) = r["error"].as_str() {
+                    format!("error: {}", e.lines().next().unwrap_or("").replace('|', "/"))
+                } else if let Some(why) = r["skipped"].as_str() {
+                    format!("skipped: {why}")
+                } else {
+                    num(&r["fwd_bwd_ms"], 1)
+                };
+                let ratio = if ok(r) && best.is_finite() { format!("{:.2}x", f(r, "fwd_bwd_ms") / best) } else { "-".into() };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {time} | {ratio} | {} | {} | {} |",
+                    text(r, "impl"), text(r, "config"), num(&r["chunk_tokens"], 0), num(&r["extra_peak_GB"], 4),
+                    num(&r["grad_out_GB"], 3), num(&r["loss"], 4)
+                );
+            }
+            *md += "\n";
+        }
+        *md += "Goals:\n\n| goal | shape | value | target | result | detail |\n|---|---|---|---|---|---|\n";
+        for k in LCE_GOALS {
+            for g in v["goals"][k].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | <= {} | {} | {} |",
+                    text(g, "goal"), text(g, "shape"), num(&g["value"], 3), num(&g["target"], 3),
+                    if g["pass"] == true { "PASS" } else { "**MISS**" }, text(g, "detail")
+                );
+            }
+        }
+        *md += "\n";
+    }
+    if let Some(v) = load(results, "memlinear-gpu-parity.json") {
+        let sum = &v["summary"];
+        let _ = writeln!(
+            md,
+            "##{deeper} memlinear parity: the C ABI against torch references ({}, torch {})\n",
+            text(&v, "device"), text(&v, "torch")
+        );
+        let _ = writeln!(
+            md,
+            "{} checks: {} passed, {} failed (`memlinear/py/parity_lce.py`: odd shapes, chunk sizes 1, 7, 64 and all tokens, \
+             ignored targets, label smoothing, z-loss, softcap, logit scale, dW in float32 and bf16, accumulation, a \
+             training loop, bad inputs). Reference: {}. Errors: relative for the loss, relative L2 norm for dx and dW.\n",
+            sum["checks"], sum["passed"], sum["failed"], text(&v, "reference")
+        );
+        *md += "| inputs | worst loss error | worst dx error | worst dW error | tolerance |\n|---|---|---|---|---|\n";
+        for (dt, w) in sum["worst"].as_object().into_iter().flatten() {
+            let _ = writeln!(
+                md,
+                "| {dt} | {:.2e} | {:.2e} | {:.2e} | {} |",
+                f(w, "loss_rel"), f(w, "dx_rel"), f(w, "dw_rel"), cell(&w["tol"])
+            );
+        }
+        let tr = &v["training"];
+        if !tr.is_null() {
+            let _ = writeln!(md, "\nTraining loop: {} ({}).", if tr["pass"] == true { "PASS" } else { "**FAIL**" }, text(tr, "why"));
+        }
+        let bad: Vec<&Value> = v["bad_inputs"].as_array().into_iter().flatten().collect();
+        if !bad.is_empty() {
+            let n_ok = bad.iter().filter(|b| b["pass"] == true).count();
+            let _ = writeln!(md, "\nBad inputs rejected with an error: {n_ok} of {}.", bad.len());
+        }
+        let failures: Vec<&str> = v["failures"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        if !failures.is_empty() {
+            *md += "\nFailures:\n\n";
+            for x in failures.iter().take(20) {
+                let _ = writeln!(md, "- {}", x.lines().next().unwrap_or(""));
+            }
+            if failures.len() > 20 {
+                let _ = writeln!(md, "- ... and {} more (see the JSON)", failures.len() - 20);
+            }
         }
         *md += "\n";
     }
@@ -187,6 +335,23 @@ fn cpu_section(md: &mut String, results: &Path) {
                 "| {}x{} bf16 nested | {:.1} | {:.1} | {:.0}% | {:.1} | {:.0} |",
                 r["shape"][0], r["shape"][1], f(r, "dequant_ms"), f(r, "dequant_GBps"),
                 100.0 * f(r, "dequant_fraction_of_memcpy"), f(r, "quantize_ms"), f(r, "quantize_Melem_per_s")
+            );
+        }
+        *md += "\n";
+    }
+    if let Some(v) = load(results, "memlinear-cpu.json") {
+        let _ = writeln!(md, "## memlinear on the CPU ({}, {} threads)\n", text(&v, "cpu"), v["threads"]);
+        *md += "Chunked linear + loss, `memlinear-bench cpu`. *temp*: memory the call needs besides its inputs and \
+                outputs, against the unchunked tokens x vocab logits.\n\n";
+        *md += "| tokens x hidden x vocab | dtype | loss | mode | chunk | time (ms) | GFLOP/s | temp (MB) | unchunked temp (MB) |\n";
+        *md += "|---|---|---|---|---|---|---|---|---|\n";
+        for r in v["rows"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                md,
+                "| {}x{}x{} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
+                r["tokens"], r["hidden"], r["vocab"], cell(&r["dtype"]), cell(&r["loss"]), cell(&r["mode"]),
+                num(&r["chunk_tokens"], 0), num(&r["ms"], 1), num(&r["gflops_per_s"], 1),
+                f(r, "temp_bytes") / 1e6, f(r, "unchunked_temp_bytes") / 1e6
             );
         }
         *md += "\n";
