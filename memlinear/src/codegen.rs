@@ -18,8 +18,26 @@ use std::fmt::Write as _;
 use crate::expr::{Loss, NodeId, Op, Shape};
 use crate::Dtype;
 
-/// Threads per block of the loss kernel.
+/// Threads per block (one row per block) of the loss kernel, unless [`set_block`] chose
+/// another.
 pub const BLOCK: u32 = 512;
+
+static BLOCK_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Sets the loss kernel's threads per block (a multiple of 32, at most 1024) for later
+/// calls; for experiments such as `memlinear-bench gpu`.
+pub fn set_block(threads: u32) {
+    assert!(threads % 32 == 0 && (32..=1024).contains(&threads), "block of {threads} threads");
+    BLOCK_OVERRIDE.store(threads, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The loss kernel's threads per block.
+pub fn block() -> u32 {
+    match BLOCK_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => BLOCK,
+        b => b,
+    }
+}
 
 /// What the generated kernel is specialised for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +54,8 @@ pub struct Spec {
     pub teacher_bias: bool,
     /// 16-byte vector loads (rows and bias 16-byte aligned, vocab a multiple of the width).
     pub vectorized: bool,
+    /// Threads per block (one row per block).
+    pub block: u32,
 }
 
 /// The fixed kernel signature (every loss gets the same, unused pointers may be null):
@@ -202,7 +222,7 @@ pub fn generate(loss: &Loss, spec: Spec) -> String {
         let _ = writeln!(s, "//   {line}");
     }
     s += PRELUDE;
-    let _ = writeln!(s, "#define V {v}LL\n#define BLOCK {BLOCK}\n#define VEC {vec}");
+    let _ = writeln!(s, "#define V {v}LL\n#define BLOCK {}\n#define VEC {vec}", spec.block);
     s += &vector_helpers(spec.dtype, vec);
     s += r#"
 struct LSE { float m, s; };

@@ -119,6 +119,26 @@ pub fn chunk_for_budget(tokens: usize, hidden: usize, vocab: usize, dtype: Dtype
     Some(lo)
 }
 
+/// The chunk actually used for at most `max` tokens per chunk: chunks of (nearly) equal
+/// size, a multiple of 128 tokens when that is at least 128 (whole GEMM tiles), never
+/// more than `max` (one chunk when `max` covers all tokens), so the workspace sized for `max` always suffices.
+pub fn balanced_chunk(max: usize, tokens: usize) -> usize {
+    let max = max.clamp(1, tokens.max(1));
+    if max == tokens {
+        return tokens; // one chunk: nothing to balance
+    }
+    let c = tokens.div_ceil(tokens.div_ceil(max));
+    if c < 128 {
+        return c;
+    }
+    let up = c.div_ceil(128) * 128;
+    if up <= max {
+        up
+    } else {
+        c / 128 * 128
+    }
+}
+
 /// One head on the device: raw pointers (0 = absent).
 #[derive(Clone, Copy, Debug)]
 pub struct RawHead {
@@ -418,9 +438,9 @@ pub unsafe fn run_raw(
     if chunk == 0 {
         return bad("chunk of 0 tokens".into());
     }
-    let chunk = chunk.min(tn);
     let n = needs(loss, p, o);
-    let lay = layout(tn, hd, v, dt, chunk, n);
+    let lay = layout(tn, hd, v, dt, chunk.min(tn), n);
+    let chunk = balanced_chunk(chunk.min(tn), tn);
     if workspace_bytes < lay.total {
         return bad(format!("workspace has {workspace_bytes} bytes, the call needs {} for chunks of {chunk} tokens", lay.total));
     }
@@ -436,6 +456,7 @@ pub unsafe fn run_raw(
         bias: p.student.bias != 0,
         teacher_bias: p.teacher.is_some_and(|t| t.bias != 0) && loss.uses_teacher(),
         vectorized: (v * dt.size()) % 16 == 0 && vec_ok(p.student.bias) && vec_ok(p.teacher.map_or(0, |t| t.bias)),
+        block: codegen::block(),
     };
     let lsrc = loss_source(loss, spec);
     let hsrc = helpers(dt);
@@ -560,7 +581,7 @@ pub unsafe fn run_raw(
                 &mut a_t0 as *mut _ as *mut c_void,
                 &mut a_rows as *mut _ as *mut c_void,
             ];
-            launch(kloss, rows as u32, codegen::BLOCK, 0, stream, &mut args)?;
+            launch(kloss, rows as u32, spec.block, 0, stream, &mut args)?;
         }
         if o.dx != 0 {
             let dxc = o.dx + (t0 * hd) as u64 * es;
@@ -826,4 +847,38 @@ pub fn run<T: Elem + DeviceRepr>(
     let pt = s.clone_dtoh(&per_token).map_err(GpuError::driver("cuMemcpyDtoH"))?;
     drop(ws);
     Ok(DeviceOutput { loss: l[0], per_token: pt, info })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balanced_chunks_are_equal_tile_multiples_within_the_maximum() {
+        assert_eq!(balanced_chunk(843, 16384), 768);
+        assert_eq!(balanced_chunk(15462, 16384), 8192);
+        assert_eq!(balanced_chunk(3767, 16384), 3328);
+        assert_eq!(balanced_chunk(100, 1000), 100);
+        assert_eq!(balanced_chunk(7, 37), 7);
+        assert_eq!(balanced_chunk(37, 37), 37);
+        assert_eq!(balanced_chunk(1, 5), 1);
+        assert_eq!(balanced_chunk(200, 150), 150);
+        for max in 1..600 {
+            for t in [1, 127, 128, 129, 1000, 4097] {
+                let c = balanced_chunk(max, t);
+                assert!(c >= 1 && c <= max.min(t), "max {max} tokens {t} -> {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn layout_grows_with_the_chunk_and_budget_search_is_tight() {
+        let n = Needs { teacher: false, per_token: true, token_params: 0, class_params: 0, dw_acc: false, db_acc: false };
+        let c = chunk_for_budget(16384, 4096, 128256, Dtype::Bf16, n, 250_000_000).unwrap();
+        assert!(layout(16384, 4096, 128256, Dtype::Bf16, c, n).total <= 250_000_000);
+        assert!(layout(16384, 4096, 128256, Dtype::Bf16, c + 1, n).total > 250_000_000);
+        assert_eq!(chunk_for_budget(16384, 4096, 128256, Dtype::Bf16, n, 1000), None);
+        let acc = Needs { dw_acc: true, ..n };
+        assert_eq!(layout(10, 4, 7, Dtype::Bf16, 5, acc).dw_acc.is_some(), true);
+    }
 }

@@ -165,6 +165,7 @@ fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
         *md += "\n";
     }
     memlinear_gpu(md, results, deeper);
+    memlinear_sweep(md, results, deeper);
     if let Some(v) = load(results, "nf4-interop.json") {
         let _ = writeln!(md, "##{deeper} nf4 interop: our checkpoints loaded by bitsandbytes (GPU machine)\n");
         *md += "| weight | elements | bnb loads, dequant bit-identical | packed bytes differing from bnb's own quantization | absmax differing | offset ours / bnb |\n|---|---|---|---|---|---|\n";
@@ -178,6 +179,52 @@ fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
         }
         *md += "\n";
     }
+}
+
+/// memlinear-bench gpu: our implementation alone, per mode and workspace budget: where the
+/// time goes (forward = logits GEMM + loss pass; frozen adds the dX GEMM and the gradient
+/// pass; trainable adds the dW GEMM).
+fn memlinear_sweep(md: &mut String, results: &Path, deeper: &str) {
+    let Some(v) = load(results, "memlinear-gpu-sweep.json") else { return };
+    let _ = writeln!(
+        md,
+        "##{deeper} memlinear alone: time by mode and workspace budget ({}, `memlinear-bench gpu`)\n\n\
+         bf16, cross-entropy, CUDA events, median of 7 after 2 warm-up calls. TFLOP/s counts 2·T·H·V per GEMM \
+         (forward 1 GEMM, frozen 2, trainable 3). `block`: threads per row of the generated loss kernel.\n\n\
+         | shape | block | budget (GB) | chunk | forward (ms) | frozen (ms) | trainable, dW f32 (ms) | trainable, dW bf16 (ms) | trainable TFLOP/s |\n\
+         |---|---|---|---|---|---|---|---|---|",
+        text(&v, "device")
+    );
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let mut keys: Vec<(String, i64, f64, i64)> = vec![];
+    for r in &rows {
+        let k = (format!("{}x{}x{}", r["tokens"], r["hidden"], r["vocab"]), r["loss_block"].as_i64().unwrap_or(0), f(r, "budget_bytes"), r["chunk_tokens"].as_i64().unwrap_or(0));
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for (shape, block, budget, chunk) in keys {
+        let at = |mode: &str| {
+            rows.iter().find(|r| {
+                format!("{}x{}x{}", r["tokens"], r["hidden"], r["vocab"]) == shape
+                    && r["loss_block"].as_i64().unwrap_or(0) == block
+                    && f(r, "budget_bytes") == budget
+                    && r["mode"] == mode
+            })
+        };
+        let ms = |mode: &str| at(mode).map_or("-".to_string(), |r| format!("{:.2}", f(r, "median_ms")));
+        let tf = at("trainable_dw_f32").map_or("-".to_string(), |r| format!("{:.0}", f(r, "tflops")));
+        let _ = writeln!(
+            md,
+            "| {shape} | {block} | {:.2} | {chunk} | {} | {} | {} | {} | {tf} |",
+            budget / 1e9,
+            ms("forward"),
+            ms("frozen"),
+            ms("trainable_dw_f32"),
+            ms("trainable_dw_bf16")
+        );
+    }
+    md.push('\n');
 }
 
 /// The baselines the goals compare with (their default settings).

@@ -15,7 +15,7 @@ use memlinear::losses::{cross_entropy, CrossEntropy};
 use memlinear::{cpu, Chunk, Dtype, Head, Options, Problem, Reduction};
 use serde_json::json;
 
-const HELP: &str = "memlinear-bench cpu|gpu [--json PATH]\n\n  cpu: the CPU implementation (f32 cross-entropy), trainable and frozen head.\n  gpu: the CUDA implementation at 16384x4096x128256 and 8192x2048x128256 (bf16): forward\n       only, frozen head, trainable head with dW in f32 and bf16, for workspace budgets\n       of 0.25, 0.5, 1 and 2 GB. Needs a GPU.\n";
+const HELP: &str = "memlinear-bench cpu|gpu [--json PATH]\n\n  cpu: the CPU implementation (f32 cross-entropy), trainable and frozen head.\n  gpu: the CUDA implementation at 16384x4096x128256 and 8192x2048x128256 (bf16): forward\n       only, frozen head, trainable head with dW in f32 and bf16, for workspace budgets\n       of 0.25, 1 and 4 GB, each with the loss kernel at 512 and 1024 threads per row.\n       Needs a GPU.\n";
 
 fn lcg(seed: &mut u64) -> f32 {
     *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -90,7 +90,8 @@ fn gpu_bench() -> Result<serde_json::Value, Box<dyn std::error::Error>> {
             grad_tokens: 0,
         };
         let (dxp, dw32p, dw16p, lp) = (dx.device_ptr_mut(&s).0, dw32.device_ptr_mut(&s).0, dw16.device_ptr_mut(&s).0, lossb.device_ptr_mut(&s).0);
-        for budget in [250e6, 500e6, 1e9, 2e9] {
+        for (budget, block) in [(250e6, 512), (250e6, 1024), (1e9, 512), (1e9, 1024), (4e9, 512), (4e9, 1024)] {
+            memlinear::codegen::set_block(block);
             for (mode, dxo, dwo, dwt) in [("forward", 0, 0, Dtype::F32), ("frozen", dxp, 0, Dtype::F32), ("trainable_dw_f32", dxp, dw32p, Dtype::F32), ("trainable_dw_bf16", dxp, dw16p, Dtype::Bf16)] {
                 let o = RawOutputs { loss: lp, per_token: 0, dx: dxo, dw: dwo, dw_dtype: dwt, db: 0, accumulate: false };
                 let n = gpu::needs(&ce, &p, &o);
@@ -114,8 +115,9 @@ fn gpu_bench() -> Result<serde_json::Value, Box<dyn std::error::Error>> {
                     _ => 3.0,
                 };
                 let tflops = gemms * 2.0 * (t * h * v) as f64 / (med / 1e3) / 1e12;
-                println!("gpu {t}x{h}x{v} bf16 budget {:4.2} GB {mode:18} chunk {chunk:5}: {med:8.2} ms  {tflops:6.1} TFLOP/s  workspace {:.3} GB", budget / 1e9, total as f64 / 1e9);
-                rows.push(json!({"tokens": t, "hidden": h, "vocab": v, "mode": mode, "budget_bytes": budget, "chunk_tokens": chunk,
+                let used = gpu::balanced_chunk(chunk, t);
+                println!("gpu {t}x{h}x{v} bf16 block {block:4} budget {:4.2} GB {mode:18} chunk {used:5} (max {chunk:5}): {med:8.2} ms  {tflops:6.1} TFLOP/s  workspace {:.3} GB", budget / 1e9, total as f64 / 1e9);
+                rows.push(json!({"tokens": t, "hidden": h, "vocab": v, "mode": mode, "loss_block": block, "budget_bytes": budget, "chunk_tokens": used, "max_chunk_tokens": chunk,
                     "median_ms": med, "tflops": tflops, "workspace_bytes": total}));
                 drop(ws);
             }
