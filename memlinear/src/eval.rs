@@ -91,21 +91,39 @@ impl<'l> Interp<'l> {
         for (i, node) in g.nodes().iter().enumerate() {
             let live = if want_grad { self.live[i] } else { self.live_fwd[i] };
             if !live {
-                self.vals[i] = Val::Unset;
                 continue;
+            }
+            // Reuse this node's row buffer from the previous row (no allocation per row).
+            let mut buf = match std::mem::replace(&mut self.vals[i], Val::Unset) {
+                Val::Row(b) => b,
+                _ => Vec::new(),
+            };
+            if node.shape == Shape::Row {
+                buf.resize(v, 0.0);
             }
             let arity = node.op.arity();
             let args: [NodeId; 3] = node.args;
             let val = match node.op {
-                Op::Logits => Val::Row(inp.logits.to_vec()),
-                Op::Teacher => Val::Row(inp.teacher.expect("teacher logits bound by the driver").to_vec()),
+                Op::Logits => {
+                    buf.copy_from_slice(inp.logits);
+                    Val::Row(buf)
+                }
+                Op::Teacher => {
+                    buf.copy_from_slice(inp.teacher.expect("teacher logits bound by the driver"));
+                    Val::Row(buf)
+                }
                 Op::IsTarget => {
                     let t = inp.target.expect("target bound by the driver");
-                    let mut r = vec![0.0; v];
-                    r[t] = 1.0;
-                    Val::Row(r)
+                    buf.fill(0.0);
+                    buf[t] = 1.0;
+                    Val::Row(buf)
                 }
-                Op::ClassParam(k) => Val::Row(inp.class_params[k as usize].iter().map(|&x| f64::from(x)).collect()),
+                Op::ClassParam(k) => {
+                    for (o, &x) in buf.iter_mut().zip(inp.class_params[k as usize]) {
+                        *o = f64::from(x);
+                    }
+                    Val::Row(buf)
+                }
                 Op::TokenParam(k) => Val::Scalar(inp.token_params[k as usize]),
                 Op::Seed => Val::Scalar(inp.seed),
                 Op::VocabSize => Val::Scalar(v as f64),
@@ -134,7 +152,7 @@ impl<'l> Interp<'l> {
                         let a: Vec<f64> = args[..arity].iter().map(|&x| self.scalar(x)).collect();
                         Val::Scalar(apply_scalar(op, &a))
                     } else {
-                        let mut out = vec![0.0; v];
+                        let mut out = buf;
                         let mut a = [0.0; 3];
                         for (j, o) in out.iter_mut().enumerate() {
                             for (k, &x) in args[..arity].iter().enumerate() {
