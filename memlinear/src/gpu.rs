@@ -631,19 +631,33 @@ pub unsafe fn run_raw(
     if host[0] & 3 != 0 {
         // Error path only: name the input at fault, if one is.
         let kfin = f(&hsrc, "first_nonfinite")?;
-        let mut inputs: Vec<(String, u64, usize, usize)> =
-            vec![("x".into(), p.student.x, tn * hd, hd), ("w".into(), p.student.w, v * hd, hd), ("bias".into(), p.student.bias, v, 1)];
+        let kfin32 = f(&helpers(Dtype::F32), "first_nonfinite")?;
+        // (name, pointer, elements, columns, element type)
+        let mut inputs: Vec<(String, u64, usize, usize, Dtype)> =
+            vec![("x".into(), p.student.x, tn * hd, hd, dt), ("w".into(), p.student.w, v * hd, hd, dt), ("bias".into(), p.student.bias, v, 1, dt)];
         if let Some(t) = p.teacher {
-            inputs.extend([("teacher.x".into(), t.x, tn * t.hidden, t.hidden), ("teacher.w".into(), t.w, v * t.hidden, t.hidden), ("teacher.bias".into(), t.bias, v, 1)]);
+            inputs.extend([
+                ("teacher.x".into(), t.x, tn * t.hidden, t.hidden, dt),
+                ("teacher.w".into(), t.w, v * t.hidden, t.hidden, dt),
+                ("teacher.bias".into(), t.bias, v, 1, dt),
+            ]);
         }
-        for (name, ptr, len, cols) in inputs {
+        for (name, &ptr) in loss.token_params().iter().zip(&p.token_params) {
+            inputs.push((format!("token parameter `{name}`"), ptr, tn, 1, Dtype::F32));
+        }
+        for (name, &ptr) in loss.class_params().iter().zip(&p.class_params) {
+            inputs.push((format!("class parameter `{name}`"), ptr, v, 1, Dtype::F32));
+        }
+        inputs.push(("grad_tokens".into(), p.grad_tokens, tn, 1, Dtype::F32));
+        for (name, ptr, len, cols, et) in inputs {
             if ptr == 0 {
                 continue;
             }
             drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(flags, 0xff, 8, stream))?;
             let (mut a, mut n64, mut out) = (ptr, len as i64, flags);
             let mut args: [*mut c_void; 3] = [&mut a as *mut _ as *mut c_void, &mut n64 as *mut _ as *mut c_void, &mut out as *mut _ as *mut c_void];
-            launch(kfin, (len as u32).div_ceil(256).clamp(1, 4096), 256, 0, stream, &mut args)?;
+            let k = if et == Dtype::F32 { kfin32 } else { kfin };
+            launch(k, (len as u32).div_ceil(256).clamp(1, 4096), 256, 0, stream, &mut args)?;
             let mut first = [0u64; 1];
             drv_ok("cuMemcpyDtoHAsync", drv::cuMemcpyDtoHAsync_v2(first.as_mut_ptr() as *mut c_void, flags, 8, stream))?;
             drv_ok("cuStreamSynchronize", drv::cuStreamSynchronize(stream))?;
@@ -651,8 +665,8 @@ pub unsafe fn run_raw(
                 let i = first[0] as usize;
                 let at = if cols > 1 { format!("[{}, {}]", i / cols, i % cols) } else { format!("[{i}]") };
                 let mut raw = [0u8; 4];
-                drv_ok("cuMemcpyDtoH", drv::cuMemcpyDtoH_v2(raw.as_mut_ptr() as *mut c_void, ptr + (i * dt.size()) as u64, dt.size()))?;
-                let value = match dt {
+                drv_ok("cuMemcpyDtoH", drv::cuMemcpyDtoH_v2(raw.as_mut_ptr() as *mut c_void, ptr + (i * et.size()) as u64, et.size()))?;
+                let value = match et {
                     Dtype::F32 => f32::from_le_bytes(raw),
                     Dtype::F16 => half::f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
                     Dtype::Bf16 => half::bf16::from_le_bytes([raw[0], raw[1]]).to_f32(),

@@ -260,6 +260,30 @@ fn bad_input_names_the_argument_and_index() {
     drop(tgd);
     let m = run(&xd, &tgd_ok).map(|_| ()).unwrap_err().to_string();
     assert!(m.contains("`x`") && m.contains("[7, 5]") && m.contains("NaN"), "{m}");
+    // A NaN in a loss parameter is named too.
+    let pol = losses::policy(&Policy::default());
+    let xd_ok = up(&gpu, &d.x);
+    let mut adv = d.adv.clone();
+    let bad = tg_ok.iter().position(|&x| x != -100).expect("a counted token"); // ignored tokens are skipped
+    adv[bad] = f32::NAN;
+    let (advd, oldd) = (up(&gpu, &adv), up(&gpu, &d.old));
+    let mut dx = s.alloc_zeros::<f32>(t * h).unwrap();
+    let dp = DeviceProblem {
+        tokens: t,
+        vocab: v,
+        student: DeviceHead { x: &xd_ok, w: &w, bias: None, hidden: h },
+        teacher: None,
+        targets: Some(&tgd_ok),
+        ignore_index: -100,
+        token_params: vec![("advantage", &advd), ("old_logprob", &oldd)],
+        class_params: vec![],
+        grad_tokens: None,
+    };
+    let m = gpu::run(&gpu, &pol, &dp, Reduction::Mean(None), Chunk::Tokens(8), DeviceGrads { dx: Some(&mut dx), dw: None, db: None, accumulate: false })
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("advantage") && m.contains(&format!("[{bad}]")), "{m}");
     // Shapes.
     let short = up(&gpu, &d.x[1..]);
     let m = run(&short, &tgd_ok).map(|_| ()).unwrap_err().to_string();
