@@ -63,6 +63,16 @@ pub enum ApplyError {
         #[source]
         source: git2::Error,
     },
+    /// The branch exists with other commits than the series.
+    #[error("{repo}: branch {branch} exists and does not hold this series ({why}); delete or rename it; nothing was changed")]
+    BranchHoldsOther {
+        /// The checkout.
+        repo: String,
+        /// The branch.
+        branch: String,
+        /// The first difference.
+        why: String,
+    },
     /// The upstream checkout is not the pinned release.
     #[error("{repo}: upstream is unsloth {found}, expected {expected}; nothing was changed")]
     WrongVersion {
@@ -142,16 +152,9 @@ pub fn ensure_clean(repo: &Repository) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// Creates `branch` at HEAD, checks every patch, then applies and commits them one by one.
-/// Returns the new commits' ids. On any error the checkout and its branches are as before.
-pub fn apply_series(repo_path: &Path, branch: &str, patches: &[Patch], author: &Signature<'_>) -> Result<Vec<git2::Oid>, ApplyError> {
-    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
-    ensure_clean(&repo)?;
-    let head = repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
-
-    // Check the whole series in memory first: each patch against the tree the previous
-    // ones produce, so a failure anywhere leaves the checkout untouched.
-    let mut tree = head.tree().map_err(git("reading HEAD's tree"))?;
+/// Applies the series in memory on `tree`; returns the tree after each patch.
+fn check_series<'r>(repo: &'r Repository, mut tree: git2::Tree<'r>, patches: &[Patch]) -> Result<Vec<git2::Tree<'r>>, ApplyError> {
+    let mut out = vec![];
     for p in patches {
         let diff = Diff::from_buffer(p.diff.as_bytes()).map_err(git(format!("parsing {}", p.path.display())))?;
         let file = RefCell::new(String::new());
@@ -177,9 +180,23 @@ pub fn apply_series(repo_path: &Path, branch: &str, patches: &[Patch], author: &
         })?;
         drop(opts);
         let mut index = index;
-        let oid = index.write_tree_to(&repo).map_err(git("writing a checked tree"))?;
+        let oid = index.write_tree_to(repo).map_err(git("writing a checked tree"))?;
         tree = repo.find_tree(oid).map_err(git("reading a checked tree"))?;
+        out.push(tree.clone());
     }
+    Ok(out)
+}
+
+/// Creates `branch` at HEAD, checks every patch, then applies and commits them one by one.
+/// Returns the new commits' ids. On any error the checkout and its branches are as before.
+pub fn apply_series(repo_path: &Path, branch: &str, patches: &[Patch], author: &Signature<'_>) -> Result<Vec<git2::Oid>, ApplyError> {
+    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
+    ensure_clean(&repo)?;
+    let head = repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
+
+    // Check the whole series in memory first: each patch against the tree the previous
+    // ones produce, so a failure anywhere leaves the checkout untouched.
+    check_series(&repo, head.tree().map_err(git("reading HEAD's tree"))?, patches)?;
 
     // All apply: now for real, on the new branch, one commit per patch.
     let br = repo.branch(branch, &head, false).map_err(git(format!("creating branch {branch}")))?;
@@ -200,6 +217,74 @@ pub fn apply_series(repo_path: &Path, branch: &str, patches: &[Patch], author: &
         out.push(id);
     }
     Ok(out)
+}
+
+/// Where HEAD points: its ref name (`refs/heads/main`), or the commit id when detached.
+/// [`undo_series`] takes it back there.
+pub fn head_name(repo_path: &Path) -> Result<String, ApplyError> {
+    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
+    let head = repo.head().map_err(git("reading HEAD"))?;
+    Ok(match head.name() {
+        Ok(name) if head.is_branch() => name.to_string(),
+        _ => head.peel_to_commit().map_err(git("reading HEAD"))?.id().to_string(),
+    })
+}
+
+/// Whether `branch` already holds the series: `None` when there is no such branch,
+/// the commits (oldest first) when its last `patches.len()` commits are the patches
+/// applied one by one to the commit under them (same messages, same trees), and
+/// [`ApplyError::BranchHoldsOther`] otherwise. Lets `cargo xtask pr` run again.
+pub fn series_on_branch(repo_path: &Path, branch: &str, patches: &[Patch]) -> Result<Option<Vec<git2::Oid>>, ApplyError> {
+    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
+    let Ok(br) = repo.find_branch(branch, git2::BranchType::Local) else { return Ok(None) };
+    let other = |why: String| ApplyError::BranchHoldsOther { repo: repo_path.display().to_string(), branch: branch.to_string(), why };
+    let mut chain = vec![br.get().peel_to_commit().map_err(git(format!("reading {branch}")))?];
+    for _ in patches {
+        let c = chain.last().expect("starts with the tip");
+        let parent = c.parent(0).map_err(|_| other(format!("it has fewer than {} commits", patches.len())))?;
+        chain.push(parent);
+    }
+    chain.reverse();
+    for (c, p) in chain[1..].iter().zip(patches) {
+        let message = String::from_utf8_lossy(c.message_bytes());
+        if message.trim() != p.message.trim() {
+            return Err(other(format!("commit {} is `{}`, expected `{}`", c.id(), message.lines().next().unwrap_or(""), p.subject())));
+        }
+    }
+    let base_tree = chain[0].tree().map_err(git("reading the base tree"))?;
+    let trees = check_series(&repo, base_tree, patches)
+        .map_err(|_| other(format!("the series does not apply to the commit under its messages, {}", chain[0].id())))?;
+    for ((c, p), t) in chain[1..].iter().zip(patches).zip(&trees) {
+        if c.tree_id() != t.id() {
+            return Err(other(format!("commit {} ({}) has other changes than {}", c.id(), p.subject(), p.path.display())));
+        }
+    }
+    Ok(Some(chain[1..].iter().map(|c| c.id()).collect()))
+}
+
+/// Undoes [`apply_series`]: the working tree and HEAD back at `previous` (from
+/// [`head_name`], taken before), then `branch` deleted. Only for a branch this run made:
+/// the checkout was clean before, so nothing of the user's is overwritten.
+pub fn undo_series(repo_path: &Path, branch: &str, previous: &str) -> Result<(), ApplyError> {
+    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
+    let target = match git2::Oid::from_str(previous) {
+        Ok(id) if !previous.starts_with("refs/") => repo.find_commit(id),
+        _ => repo.find_reference(previous).and_then(|r| r.peel_to_commit()),
+    }
+    .map_err(git(format!("reading {previous}")))?;
+    let mut co = git2::build::CheckoutBuilder::new();
+    co.force();
+    repo.checkout_tree(target.as_object(), Some(&mut co)).map_err(git(format!("checking out {previous}")))?;
+    if previous.starts_with("refs/") {
+        repo.set_head(previous)
+    } else {
+        repo.set_head_detached(target.id())
+    }
+    .map_err(git(format!("switching back to {previous}")))?;
+    repo.find_branch(branch, git2::BranchType::Local)
+        .and_then(|mut b| b.delete())
+        .map_err(git(format!("deleting branch {branch}")))?;
+    Ok(())
 }
 
 /// Makes a git repository from an extracted release (a base commit to patch), unless

@@ -11,10 +11,22 @@
 //! [`apply`] applies a bounty's patch series to an upstream checkout with git2 (clean
 //! checkout required, whole series checked before anything is written, one commit per
 //! patch) and [`draft`] writes the PR text; `cargo xtask pr <slug>` drives both.
+//! [`submit`] publishes the branch to the user's fork and opens a draft PR
+//! (`cargo xtask pr <slug> --submit`): octocrab over rustls, GitHub's Git Data API
+//! instead of a git push (no OpenSSL), the token in a [`token::Token`] that never prints,
+//! and a re-run that reuses the fork, branch and PR. [`series`] reads the local branch
+//! into what is published. Its tests run against a mock GitHub API on 127.0.0.1.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`apply`] | git2: patch series onto a clean checkout, one commit per patch |
+//! | [`draft`] | the PR's title and body |
+//! | [`series`] | a local branch's commits as file changes, and the base they need |
+//! | [`submit`] | fork, publish (blobs, trees, commits, ref), draft PR; dry run |
+//! | [`token`] | the GitHub token, printed as `***`, scrubbed from every text |
 //!
 //! Not built yet: patch series for the open items (none is written: each needs a GPU
-//! run to verify), running a fix's verification from `cargo xtask pr`, and `--submit`
-//! through octocrab against a mock GitHub API.
+//! run to verify), and running a fix's verification from `cargo xtask pr`.
 //!
 //! ```
 //! let open: Vec<_> = issue_fixes::registry().iter().filter(|b| b.status != issue_fixes::Status::Solved).collect();
@@ -24,6 +36,9 @@
 
 pub mod apply;
 pub mod draft;
+pub mod series;
+pub mod submit;
+pub mod token;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use git2::{Repository, Signature};
-use issue_fixes::apply::{apply_series, read_series, repo_from_release, upstream_version, ApplyError};
+use issue_fixes::apply::{apply_series, head_name, read_series, repo_from_release, series_on_branch, undo_series, upstream_version, ApplyError};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("issue-fixes-apply-{}-{name}", std::process::id()));
@@ -90,6 +90,33 @@ fn a_patch_that_does_not_apply_names_file_and_hunk_and_changes_nothing() {
     let head = repo.head().unwrap().peel_to_commit().unwrap();
     assert_eq!(head.summary().ok().flatten(), Some("unsloth 2026.10.9 (PyPI wheels, import packages)"), "HEAD is still the base");
     assert!(repo.find_branch("fix/y", git2::BranchType::Local).is_err());
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn a_branch_holding_the_series_is_recognised_and_an_applied_series_can_be_undone() {
+    let root = tmp("again");
+    release(&root.join("rel"));
+    let up = root.join("up");
+    repo_from_release(&root.join("rel"), &up, "2026.10.9").unwrap();
+    series(&root.join("patches"), &[PATCH_1, PATCH_2]);
+    let patches = read_series(&root.join("patches")).unwrap();
+    assert!(series_on_branch(&up, "fix/z", &patches).unwrap().is_none(), "no branch yet");
+    let before = head_name(&up).unwrap();
+    assert_eq!(before, "refs/heads/master");
+    let ids = apply_series(&up, "fix/z", &patches, &sig()).unwrap();
+    assert_eq!(series_on_branch(&up, "fix/z", &patches).unwrap(), Some(ids), "a re-run finds the series");
+    let e = series_on_branch(&up, "fix/z", &patches[..1]).unwrap_err();
+    assert!(matches!(e, ApplyError::BranchHoldsOther { .. }), "{e}");
+    assert!(e.to_string().contains("Add the probe"), "{e}");
+
+    undo_series(&up, "fix/z", &before).unwrap();
+    assert_eq!(head_name(&up).unwrap(), before);
+    assert!(!up.join("unsloth/probe.py").exists(), "the working tree is back too");
+    assert!(!std::fs::read_to_string(up.join("unsloth/attn.py")).unwrap().contains("probe"));
+    let repo = Repository::open(&up).unwrap();
+    assert!(repo.find_branch("fix/z", git2::BranchType::Local).is_err(), "the branch is gone");
+    issue_fixes::apply::ensure_clean(&repo).unwrap();
     let _ = std::fs::remove_dir_all(root);
 }
 

@@ -34,7 +34,7 @@ Commands:
       only) and the Liger / Cut Cross-Entropy Python packages into bundle/ (ignored by
       git, < 64 MiB), with bundle/run.sh to run there. See README.
 
-  pr [--list | --verify-upstream | SLUG [--upstream PATH]]
+  pr [--list | --verify-upstream | SLUG [--upstream PATH] [--submit [--dry-run] [--base BRANCH] [--api URL]]]
       The Unsloth bounties (issue-fixes crate). --list (default): each one's status in the
       pinned release and what is open. --verify-upstream: download unsloth and unsloth_zoo
       at the pinned version from PyPI, run every evidence check, write
@@ -42,8 +42,17 @@ Commands:
       SLUG: apply issue-fixes/patches/SLUG/*.patch with git2 on branch fix/<issue>-SLUG of
       the upstream checkout (--upstream PATH, which must be clean and at the pinned
       version, or a repository made from the pinned wheels under target/), one commit per
-      patch, and draft the PR into target/pr/SLUG/. No series is written yet (each needs
-      a GPU run to verify); --submit (octocrab) is not built yet.
+      patch, and draft the PR into target/pr/SLUG/. Run again, it reuses a branch that
+      already holds the series. No series is written yet (each needs a GPU run to verify).
+      --submit (never without it): with GITHUB_TOKEN, fork unslothai/unsloth (or
+      unsloth-zoo, for a series under unsloth_zoo/) if you have no fork, publish the
+      branch to it through GitHub's Git Data API (blobs, trees, commits, ref; on top of
+      the fork's --base branch, default main, whose files the series touches must equal
+      the pinned release's; never a force-push) and open a draft PR with the drafted
+      text. A re-run reuses the fork, the branch and an open PR. On failure the local
+      branch this run made is removed. The token is never printed. --dry-run: print the
+      requests instead (no token, no network). --api URL: the API base (default
+      $QLORA_KIT_GITHUB_API, else https://api.github.com).
 
   help
       This text.
