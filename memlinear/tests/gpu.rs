@@ -152,11 +152,19 @@ fn every_loss_matches_the_reference_f32_and_bf16() {
     let mut rng = Rng::fresh("gpu_every_loss");
     for loss in losses_under_test() {
         let d = host(&mut rng, 37, 29, 253);
+        // The clipped policy loss's gradient jumps where a ratio crosses a clip bound, and
+        // 16-bit logits move ratios by ~1e-2: the 16-bit checks use bounds no ratio here
+        // reaches (the f32 checks keep the default bounds, and exercise the clipping).
+        let loss16 = if loss.name() == "policy" {
+            losses::policy(&Policy { clip_low: 0.999, clip_high: 1e3, kl_beta: 0.05, ..Default::default() })
+        } else {
+            loss.clone()
+        };
         for (chunk, f32_dw) in [(Chunk::Tokens(1), true), (Chunk::Tokens(7), false), (Chunk::Tokens(37), true)] {
             check::<f32>(&gpu, &loss, &d, Reduction::Mean(None), chunk, f32_dw, 1e-5);
-            check::<bf16>(&gpu, &loss, &d, Reduction::Mean(None), chunk, f32_dw, 1e-2);
+            check::<bf16>(&gpu, &loss16, &d, Reduction::Mean(None), chunk, f32_dw, 1e-2);
         }
-        check::<half::f16>(&gpu, &loss, &d, Reduction::Sum, Chunk::Tokens(5), false, 1e-2);
+        check::<half::f16>(&gpu, &loss16, &d, Reduction::Sum, Chunk::Tokens(5), false, 1e-2);
         check::<f32>(&gpu, &loss, &d, Reduction::None, Chunk::Tokens(9), true, 1e-5);
     }
 }
