@@ -4,8 +4,9 @@
 //! One block per row. The schedule is the loss's reduction levels: pass k walks the row
 //! once and computes every level-k reduction (sums, maxima, online logsumexp), block-
 //! reduces them, and then every scalar of level k (including values at the target
-//! index); the last pass evaluates the gradient expression and stores it. Passes 2.. of a
-//! row mostly hit L2 (a few rows per SM are in flight, a few hundred KB each).
+//! index); the last pass evaluates the gradient expression and stores it. Later passes
+//! re-read the row; whether that hits L2 depends on how many rows are in flight (on the
+//! H100, 512 and 1024 threads per row measured the same: `bench/RESULTS.md`).
 //!
 //! Arithmetic is f32 (logits are upcast on load; bias added in f32). For 16-bit inputs
 //! the fast intrinsics `__expf` / `__logf` are used (their error, ~2 ulp, is far below
