@@ -184,9 +184,18 @@ def main(argv=None) -> int:
     p.add_argument("--buckets", default=",".join(map(str, BUCKETS)),
                    help="comma-separated sequence lengths to draw from (padded/packed length)")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoint and exit")
+    p.add_argument("--sdpa-math", action="store_true",
+                   help="eager baseline of the baseline: SDPA's math kernel instead of flash/efficient "
+                        "(another valid rounding order, to measure how far eager drifts from itself)")
     args = p.parse_args(argv)
 
     import torch
+
+    if args.sdpa_math:
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_math_sdp(True)
 
     import qlora_compile as qc
 
