@@ -149,7 +149,7 @@ fn current_context() -> Result<(sys::CUcontext, sys::CUdevice), GpuError> {
         return Err(GpuError::NoDriver);
     }
     static INIT: OnceLock<Result<(), cudarc::driver::DriverError>> = OnceLock::new();
-    INIT.get_or_init(result::init).clone().map_err(GpuError::driver("cuInit"))?;
+    (*INIT.get_or_init(result::init)).map_err(GpuError::driver("cuInit"))?;
     let ctx = result::ctx::get_current()
         .map_err(GpuError::driver("cuCtxGetCurrent"))?
         .ok_or(GpuError::NoCurrentContext)?;

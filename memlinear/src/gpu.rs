@@ -469,15 +469,17 @@ pub unsafe fn run_raw(
     let ctx = current_ctx()?;
     let handles = HANDLES.get_or_init(Default::default);
     let mut hs = handles.lock().unwrap_or_else(|p| p.into_inner());
-    if !hs.contains_key(&(ctx as usize)) {
-        if !cb::is_culib_present() {
-            return Err(Error::Options("cuBLAS (libcublas.so.13) was not found on the loader path".into()));
+    let h = match hs.entry(ctx as usize) {
+        std::collections::hash_map::Entry::Occupied(e) => e.get().0,
+        std::collections::hash_map::Entry::Vacant(e) => {
+            if !cb::is_culib_present() {
+                return Err(Error::Options("cuBLAS (libcublas.so.13) was not found on the loader path".into()));
+            }
+            let mut h: cb::cublasHandle_t = std::ptr::null_mut();
+            cublas_ok("cublasCreate", cb::cublasCreate_v2(&mut h))?;
+            e.insert(Handle(h)).0
         }
-        let mut h: cb::cublasHandle_t = std::ptr::null_mut();
-        cublas_ok("cublasCreate", cb::cublasCreate_v2(&mut h))?;
-        hs.insert(ctx as usize, Handle(h));
-    }
-    let h = hs[&(ctx as usize)].0;
+    };
     cublas_ok("cublasSetStream", cb::cublasSetStream_v2(h, stream as cb::cudaStream_t))?;
     cublas_ok("cublasSetWorkspace", cb::cublasSetWorkspace_v2(h, ws(lay.cublas) as *mut c_void, CUBLAS_WORKSPACE))?;
     cublas_ok("cublasSetPointerMode", cb::cublasSetPointerMode_v2(h, cb::cublasPointerMode_t::CUBLAS_POINTER_MODE_HOST))?;
@@ -893,6 +895,6 @@ mod tests {
         assert!(layout(16384, 4096, 128256, Dtype::Bf16, c + 1, n).total > 250_000_000);
         assert_eq!(chunk_for_budget(16384, 4096, 128256, Dtype::Bf16, n, 1000), None);
         let acc = Needs { dw_acc: true, ..n };
-        assert_eq!(layout(10, 4, 7, Dtype::Bf16, 5, acc).dw_acc.is_some(), true);
+        assert!(layout(10, 4, 7, Dtype::Bf16, 5, acc).dw_acc.is_some());
     }
 }

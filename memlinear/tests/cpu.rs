@@ -221,12 +221,12 @@ fn check<T: Elem>(c: &Case, d: &Data, bias: bool, reduction: Reduction, chunks: 
             logps[t] = (z[tg] - lse) as f32;
         }
         for (name, vals) in d2.token.iter_mut() {
-            for t in 0..d.t {
-                vals[t] = match *name {
-                    "old_logprob" => logps[t] + [rng.normal() * 0.02, 1.0, -1.0][rng.below(3)] as f32,
+            for (val, &lp) in vals.iter_mut().zip(&logps) {
+                *val = match *name {
+                    "old_logprob" => lp + [rng.normal() * 0.02, 1.0, -1.0][rng.below(3)] as f32,
                     // A reference policy near the current one (k3's gradient grows as e^(ref-logp)).
-                    "ref_logprob" => logps[t] + (rng.normal() * 0.1) as f32,
-                    _ => vals[t],
+                    "ref_logprob" => lp + (rng.normal() * 0.1) as f32,
+                    _ => *val,
                 };
             }
         }
