@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{rel, rel_norm, Rng};
+use common::{rel, rel_norm, Draws, Rng};
 use half::bf16;
 use memlinear::eval::{Interp, RowInputs};
 use memlinear::losses::{self, CrossEntropy, Divergence, Policy};

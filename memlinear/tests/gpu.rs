@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{rel_norm, Rng};
+use common::{rel_norm, Draws, Rng};
 use cudakit::testing::{gpu_or_skip, poison};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::bf16;
