@@ -200,12 +200,12 @@ impl Graph {
         }
         let is = |x: Option<f64>, k: f64| x == Some(k);
         match op {
-            Add if is(c[0], 0.0) => return self.broadcast_like(args[1], args[0]),
-            Add | Sub if is(c[1], 0.0) => return self.broadcast_like(args[0], args[1]),
+            Add if is(c[0], 0.0) => return args[1],
+            Add | Sub if is(c[1], 0.0) => return args[0],
             Sub if is(c[0], 0.0) => return self.apply(Neg, &[args[1]]),
             Sub if args[0] == args[1] => return self.konst(0.0),
-            Mul if is(c[0], 1.0) => return self.broadcast_like(args[1], args[0]),
-            Mul | Div if is(c[1], 1.0) => return self.broadcast_like(args[0], args[1]),
+            Mul if is(c[0], 1.0) => return args[1],
+            Mul | Div if is(c[1], 1.0) => return args[0],
             Mul if is(c[0], 0.0) || is(c[1], 0.0) => return self.konst(0.0),
             Div if is(c[0], 0.0) => return self.konst(0.0),
             Mul if is(c[0], -1.0) => return self.apply(Neg, &[args[1]]),
@@ -223,13 +223,6 @@ impl Graph {
             a.swap(0, 1);
         }
         self.intern(Node { op, args: a, shape })
-    }
-
-    /// `x`, which stands for a value combined with `like`: the identities above may drop
-    /// a row operand (0 * row = 0 keeps shape scalar, which broadcasts later: fine), so
-    /// this only returns `x`. Kept as a named step for readability.
-    fn broadcast_like(&mut self, x: NodeId, _like: NodeId) -> NodeId {
-        x
     }
 
     fn is_constant_tree(&self, id: NodeId) -> bool {
@@ -445,10 +438,6 @@ impl<'b> Expr<'b> {
     /// softcap * tanh(x / softcap) (Gemma 2's logit soft-capping).
     pub fn softcap(self, cap: f64) -> Expr<'b> {
         (self / cap).tanh() * cap
-    }
-    #[allow(dead_code)]
-    fn konst(self, v: f64) -> Expr<'b> {
-        self.k(v)
     }
 }
 

@@ -553,7 +553,7 @@ pub unsafe fn run_raw(
             let mut a_tb = if spec.teacher_bias { p.teacher.map_or(0, |t| t.bias) } else { 0 };
             let mut a_tg = if p.targets != 0 { p.targets + 8 * t0 as u64 } else { 0 };
             let mut a_ig = p.ignore_index;
-            let mut a_tp = if tp != 0 { tp } else { 0 };
+            let mut a_tp = tp;
             let mut a_tps = tn as i64;
             let mut a_cp = cp;
             let mut a_gt = if p.grad_tokens != 0 { p.grad_tokens + 4 * t0 as u64 } else { 0 };
