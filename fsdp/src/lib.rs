@@ -82,6 +82,7 @@ pub mod batch;
 pub mod config;
 pub mod data;
 mod error;
+pub mod gpu;
 pub mod hf;
 pub mod lora;
 pub mod model;
