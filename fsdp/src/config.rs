@@ -342,6 +342,19 @@ impl<'a> Fields<'a> {
 }
 
 /// A llama configuration of the given sizes, for unit tests.
+/// The `config.json` of Llama-3.2-1B (the benchmark shape: hidden 2048, 16 layers, 32/8
+/// heads, intermediate 8192, vocabulary 128256, tied embeddings, Llama 3 RoPE scaling).
+pub const LLAMA_3_2_1B: &str = r#"{
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": true, "vocab_size": 128256, "attention_bias": false,
+    "mlp_bias": false, "hidden_act": "silu", "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16"
+}"#;
+
 #[cfg(test)]
 pub(crate) fn tiny(hidden: usize, intermediate: usize, layers: usize, heads: usize, kv_heads: usize, vocab: usize) -> Config {
     let json = format!(
@@ -354,16 +367,7 @@ pub(crate) fn tiny(hidden: usize, intermediate: usize, layers: usize, heads: usi
 mod tests {
     use super::*;
 
-    const LLAMA32_1B: &str = r#"{
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "tie_word_embeddings": true, "vocab_size": 128256, "attention_bias": false,
-        "mlp_bias": false, "hidden_act": "silu", "max_position_embeddings": 131072,
-        "torch_dtype": "bfloat16"
-    }"#;
+    const LLAMA32_1B: &str = super::LLAMA_3_2_1B;
 
     fn parse_str(s: &str) -> Result<Config> {
         Config::from_json_str(s, "config.json")

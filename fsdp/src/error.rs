@@ -70,6 +70,9 @@ pub enum Error {
     /// Quantizing, dequantizing or reading a 4-bit weight failed.
     #[error(transparent)]
     Nf4(#[from] nf4::Nf4Error),
+    /// A GPU call failed (driver, NVRTC, cuBLAS, or an argument a kernel refused).
+    #[error("GPU: {0}")]
+    Gpu(#[from] cudakit::GpuError),
     /// The chunked LM head + loss refused its inputs.
     #[error("LM head + loss: {0}")]
     Loss(#[from] memlinear::Error),

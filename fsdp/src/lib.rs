@@ -90,6 +90,7 @@ pub mod ops;
 pub mod optim;
 pub mod peft;
 pub mod proj;
+pub mod report;
 pub mod rng;
 pub mod train;
 pub mod weights;
