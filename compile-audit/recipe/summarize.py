@@ -101,7 +101,11 @@ def audit_config(binary: str, run_dir: str, config: str) -> dict | None:
         rep = json.loads(out) if rc == 0 else {}
         res["graph_breaks"] = rep.get("graph_breaks")
         res["recompiles"] = rep.get("recompiles")
-        res["graphs"] = rep.get("graphs")
+        res["graphs"] = rep.get("graphs")  # per compile id, last attempt (a restarted trace is not a graph)
+        res["restarts"] = rep.get("restarts")
+        res["superseded_graphs"] = rep.get("superseded_graphs")
+        res["restart_reasons"] = [f"{r.get('compile_id')} {r.get('frame')}: {'; '.join(r.get('reasons', []))[:200]}"
+                                  for r in (rep.get("restarted") or [])][:10]
         res["eager_fallbacks"] = len(rep.get("fallbacks", []) or [])
         res["recompile_reasons"] = [f"{r.get('compile_id')} {r.get('frame')}: {'; '.join(r.get('reasons', []))[:200]}"
                                     for r in (rep.get("recompile_reasons") or [])][:10]

@@ -19,10 +19,26 @@ pub struct Compile {
     pub graph_op_count: Option<u64>,
     /// Wall time of the whole frame compile, seconds.
     pub compile_time_s: f64,
-    /// Why dynamo restarted the analysis (each a graph break), first lines.
+    /// Why dynamo restarted the analysis (a graph break, or an internal restart such as
+    /// `TensorifyScalarRestartAnalysis`), first lines, as `compilation_metrics` lists them
+    /// (a set: a reason that restarted twice appears once).
     pub restart_reasons: Vec<String>,
+    /// How many times dynamo traced this compile id: the highest `attempt` seen, plus one.
+    /// More than 1 when the analysis restarted.
+    pub attempts: u64,
+    /// `dynamo_output_graph`s logged by attempts that were then restarted: dynamo threw
+    /// them away, so they are not in [`Report::graphs`] nor in [`Report::captured`].
+    pub superseded_graphs: usize,
     /// Why the compile failed, if it did: the frame then runs eager.
     pub fail: Option<String>,
+}
+
+impl Compile {
+    /// Restarts of this compile's analysis: `attempts - 1`, or the number of distinct
+    /// reasons when the trace has no attempt numbers (older PyTorch).
+    pub fn restarts(&self) -> usize {
+        (self.attempts.saturating_sub(1) as usize).max(self.restart_reasons.len())
+    }
 }
 
 /// A compiled frame (a Python code object dynamo processed).
@@ -86,6 +102,23 @@ pub struct Recompile {
     pub reasons: Vec<String>,
 }
 
+/// A compile whose analysis dynamo restarted: the same compile id traced again with a
+/// new `attempt` number (after a graph break, to stop before it; or an internal restart
+/// such as `TensorifyScalarRestartAnalysis`). Only the last attempt's graph is installed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restart {
+    /// The compile id.
+    pub compile_id: String,
+    /// The frame's name.
+    pub frame: String,
+    /// Times the compile id was traced (restarts + 1).
+    pub attempts: u64,
+    /// Why, first lines (see [`Compile::restart_reasons`]).
+    pub reasons: Vec<String>,
+    /// Graphs the restarted attempts logged and dynamo discarded.
+    pub superseded_graphs: usize,
+}
+
 /// A compile that failed: that frame runs eager from then on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Fallback {
@@ -117,6 +150,14 @@ impl Captured {
     pub fn matches(&self, pattern: &str) -> bool {
         self.ops.keys().chain(self.user_functions.keys()).chain(self.modules.keys()).any(|k| k.contains(pattern))
     }
+
+    fn add(&mut self, other: &Captured) {
+        for (mine, theirs) in [(&mut self.ops, &other.ops), (&mut self.user_functions, &other.user_functions), (&mut self.modules, &other.modules)] {
+            for (k, n) in theirs {
+                *mine.entry(k.clone()).or_default() += n;
+            }
+        }
+    }
 }
 
 /// What TORCH_LOGS text (`graph_breaks`, `recompiles` artifacts) says.
@@ -140,8 +181,16 @@ pub struct Report {
     pub graph_breaks: usize,
     /// Recompilations (distinct compile ids with `frame_compile_id > 0`).
     pub recompiles: usize,
-    /// Graphs dynamo produced (`dynamo_output_graph`).
+    /// Graphs dynamo installed: per compile id, the `dynamo_output_graph`s of its last
+    /// attempt. A restarted analysis logs a graph per attempt, but only the last one runs;
+    /// the others are [`Report::superseded_graphs`].
     pub graphs: usize,
+    /// Restarted analyses, summed over compiles (see [`Compile::restarts`]).
+    pub restarts: usize,
+    /// Graphs logged by attempts that dynamo then restarted (not counted in `graphs`).
+    pub superseded_graphs: usize,
+    /// The compiles whose analysis restarted, with why.
+    pub restarted: Vec<Restart>,
     /// Compiles that failed and left their frame eager, recompile-limit hits among them.
     pub fallbacks: Vec<Fallback>,
     /// Deduplicated graph breaks, most frequent first.
@@ -152,7 +201,7 @@ pub struct Report {
     pub frames: Vec<Frame>,
     /// Sum of frame compile times, seconds.
     pub total_compile_time_s: f64,
-    /// What ran inside compiled graphs.
+    /// What ran inside compiled graphs (the installed ones: superseded attempts excluded).
     pub captured: Captured,
     /// Records of kinds the auditor does not interpret, by kind.
     pub other_events: BTreeMap<String, usize>,
@@ -172,8 +221,22 @@ impl Report {
     }
 }
 
+/// The graphs of one compile id's latest attempt seen so far.
+#[derive(Default)]
+struct AttemptGraphs {
+    attempt: u64,
+    graphs: usize,
+    captured: Captured,
+}
+
+/// (trace fed, rank, frame_id, frame_compile_id): compile ids are unique within one
+/// process's trace (per rank), not across traces of separate processes.
+type GraphKey = (usize, Option<u64>, u64, u64);
+
 /// Accumulates records into a report; memory grows with the number of distinct frames,
-/// breaks and ops, not with the trace's size.
+/// breaks and ops, not with the trace's size. (A compile in progress keeps the op counts
+/// of its latest attempt apart, since a later attempt replaces them, until its
+/// `compilation_metrics` settles them.)
 #[derive(Default)]
 pub struct Auditor {
     report: Report,
@@ -181,6 +244,12 @@ pub struct Auditor {
     frames: BTreeMap<(Option<u64>, u64), Frame>,
     breaks: BTreeMap<(String, String), GraphBreak>,
     recompiled: std::collections::BTreeSet<(Option<u64>, u64, u64)>,
+    /// Which trace is being fed (counts [`Auditor::begin_trace`] calls).
+    trace_no: usize,
+    /// Graphs of compiles in progress, by compile id.
+    graphs: BTreeMap<GraphKey, AttemptGraphs>,
+    /// Graphs that are final: of compiles that ended, and of records without a compile id.
+    settled: AttemptGraphs,
 }
 
 /// Which payloads the auditor reads (the rest are checksummed and dropped).
@@ -320,6 +389,12 @@ impl Auditor {
         self.files.push(name.to_string());
     }
 
+    /// Notes that the records that follow come from another trace (another process):
+    /// a compile id seen again there is a different compile. [`crate::feed_trace`] calls it.
+    pub fn begin_trace(&mut self) {
+        self.trace_no += 1;
+    }
+
     /// Records a problem in the input.
     pub fn issue(&mut self, source: &str, issue: Issue) {
         self.report.issue_count += 1;
@@ -336,14 +411,62 @@ impl Auditor {
         rec.frame_id.and_then(|f| self.frames.get(&(rec.rank, f))).map(|f| f.name.clone()).unwrap_or_default()
     }
 
+    /// The compile a record belongs to (created on first sight), its attempt count updated.
     fn compile(&mut self, rec: &Record) -> Option<&mut Compile> {
         let (fid, cid) = (rec.frame_id?, rec.compile_id()?);
         let f = self.frame(rec.rank, fid);
-        if let Some(i) = f.compiles.iter().position(|c| c.compile_id == cid) {
-            return f.compiles.get_mut(i);
+        let i = match f.compiles.iter().position(|c| c.compile_id == cid) {
+            Some(i) => i,
+            None => {
+                f.compiles.push(Compile { compile_id: cid, ..Default::default() });
+                f.compiles.len() - 1
+            }
+        };
+        let c = &mut f.compiles[i];
+        c.attempts = c.attempts.max(rec.attempt.unwrap_or(0) + 1);
+        Some(c)
+    }
+
+    /// A `dynamo_output_graph`: counted for its compile id's latest attempt only. A higher
+    /// attempt supersedes what earlier attempts logged (dynamo restarted and discarded
+    /// them); graphs of the same attempt add up; a lower attempt than one already seen is
+    /// stale and only counted as superseded.
+    fn output_graph(&mut self, rec: &Record) {
+        let code = rec.payload.as_deref().unwrap_or("");
+        let (Some(fid), Some(cid)) = (rec.frame_id, rec.frame_compile_id) else {
+            self.settled.graphs += 1;
+            scan_graph(code, &mut self.settled.captured);
+            return;
+        };
+        let attempt = rec.attempt.unwrap_or(0);
+        let g = self.graphs.entry((self.trace_no, rec.rank, fid, cid)).or_insert_with(|| AttemptGraphs { attempt, ..Default::default() });
+        let superseded = if attempt > g.attempt {
+            std::mem::replace(g, AttemptGraphs { attempt, ..Default::default() }).graphs
+        } else if attempt < g.attempt {
+            1
+        } else {
+            0
+        };
+        if attempt == g.attempt {
+            g.graphs += 1;
+            scan_graph(code, &mut g.captured);
         }
-        f.compiles.push(Compile { compile_id: cid, ..Default::default() });
-        f.compiles.last_mut()
+        self.report.superseded_graphs += superseded;
+        if let Some(c) = self.compile(rec) {
+            c.superseded_graphs += superseded;
+        }
+    }
+
+    /// A compile's graphs are final once it ends (`compilation_metrics`, logged after every
+    /// attempt) or once its id starts a new compile (`dynamo_start`, logged once per compile,
+    /// before the first attempt: an id reused after `torch._dynamo.reset()`).
+    fn settle(&mut self, rec: &Record) {
+        if let (Some(f), Some(c)) = (rec.frame_id, rec.frame_compile_id) {
+            if let Some(g) = self.graphs.remove(&(self.trace_no, rec.rank, f, c)) {
+                self.settled.graphs += g.graphs;
+                self.settled.captured.add(&g.captured);
+            }
+        }
     }
 
     // A compile id with frame_compile_id > 0, seen in a dynamo_start or a recompile_reasons
@@ -361,15 +484,11 @@ impl Auditor {
         match rec.event.as_str() {
             "str" => {}
             "dynamo_start" => {
+                self.settle(&rec);
                 self.note_recompile(&rec);
                 let _ = self.compile(&rec);
             }
-            "dynamo_output_graph" => {
-                self.report.graphs += 1;
-                if let Some(p) = &rec.payload {
-                    scan_graph(p, &mut self.report.captured);
-                }
-            }
+            "dynamo_output_graph" => self.output_graph(&rec),
             "compilation_metrics" => {
                 let m = &rec.body;
                 let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
@@ -421,6 +540,7 @@ impl Auditor {
                     c.restart_reasons = restarts;
                     c.fail = fail;
                 }
+                self.settle(&rec);
             }
             "artifact" => match rec.artifact_name() {
                 Some("dynamo_graph_break_reason") => {
@@ -470,6 +590,26 @@ impl Auditor {
         self.report.sources = self.files;
         self.report.recompiles = self.recompiled.len();
         self.report.frames = self.frames.into_values().collect();
+        // Compiles still in progress (a trace cut short) count with their latest attempt.
+        let mut all = std::mem::take(&mut self.settled);
+        for g in self.graphs.values() {
+            all.graphs += g.graphs;
+            all.captured.add(&g.captured);
+        }
+        self.report.graphs = all.graphs;
+        self.report.captured = all.captured;
+        for f in &self.report.frames {
+            for c in f.compiles.iter().filter(|c| c.restarts() > 0) {
+                self.report.restarts += c.restarts();
+                self.report.restarted.push(Restart {
+                    compile_id: c.compile_id.clone(),
+                    frame: f.name.clone(),
+                    attempts: c.attempts,
+                    reasons: c.restart_reasons.clone(),
+                    superseded_graphs: c.superseded_graphs,
+                });
+            }
+        }
         let mut breaks: Vec<GraphBreak> = self.breaks.into_values().collect();
         breaks.sort_by(|a, b| b.count.cmp(&a.count).then(a.location.cmp(&b.location)));
         self.report.breaks = breaks;
@@ -489,6 +629,42 @@ mod tests {
             Some("layers.0.self_attn.q_proj")
         );
         assert_eq!(module_of("L_x_"), None);
+    }
+
+    fn graph(frame: Option<(u64, u64)>, attempt: Option<u64>, code: &str) -> Record {
+        Record {
+            line: 1,
+            event: "dynamo_output_graph".into(),
+            body: Value::Null,
+            frame_id: frame.map(|f| f.0),
+            frame_compile_id: frame.map(|f| f.1),
+            attempt,
+            rank: None,
+            payload: Some(code.into()),
+        }
+    }
+
+    #[test]
+    fn graphs_count_per_compile_id_and_last_attempt() {
+        let (old, new) = ("x = torch.sin(a)", "x = torch.cos(a)");
+        let mut a = Auditor::new();
+        a.begin_trace();
+        a.record(graph(Some((0, 0)), Some(0), old));
+        a.record(graph(Some((0, 0)), Some(2), new)); // attempt 2 supersedes attempt 0
+        a.record(graph(Some((0, 0)), Some(1), old)); // a stale attempt: not counted
+        a.record(graph(Some((0, 1)), Some(0), new)); // another compile id: counted
+        a.record(graph(None, None, new)); // no compile id: counted as it comes
+        a.begin_trace(); // another process: its 0/0 is another compile
+        a.record(graph(Some((0, 0)), None, new));
+        // The same id starting a new compile (after torch._dynamo.reset()): another graph.
+        a.record(Record { event: "dynamo_start".into(), payload: None, ..graph(Some((0, 0)), Some(0), "") });
+        a.record(graph(Some((0, 0)), Some(0), new));
+        let r = a.finish();
+        assert_eq!((r.graphs, r.superseded_graphs), (5, 2));
+        assert_eq!(r.captured.ops.get("torch.cos"), Some(&5));
+        assert_eq!(r.captured.ops.get("torch.sin"), None, "superseded graphs are not captured");
+        assert_eq!(r.restarts, 2, "0/0 traced 3 times in the first trace");
+        assert_eq!((r.restarted[0].compile_id.as_str(), r.restarted[0].attempts, r.restarted[0].superseded_graphs), ("0/0", 3, 2));
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! - **Streaming** ([`trace::TraceReader`]): one record in memory at a time; payloads are
 //!   kept only for the three record kinds the audit reads, the rest are checksummed and
 //!   dropped. Memory grows with distinct frames, breaks and ops, not with the file.
+//! - **Graphs per compile id**: dynamo may trace one compile id several times (a restarted
+//!   analysis: a new `attempt`), logging a graph each time; only the last attempt's graph
+//!   is installed, so only it counts in [`Report::graphs`] and [`Report::captured`]. The
+//!   restarts and their reasons are reported on their own ([`Report::restarted`]).
 //! - **Never fatal on input**: unparseable lines, md5 mismatches, truncated payloads and
 //!   unknown events become entries in [`Report::issues`] / [`Report::other_events`].
 //! - **Gate** ([`gate::Gate`]): thresholds on breaks and recompiles, a hard fail on the
@@ -103,6 +107,7 @@ pub fn audit_file(auditor: &mut Auditor, path: &Path) -> Result<(), ReadError> {
 /// Feeds a structured trace from any reader (`name` labels its issues). Never fails:
 /// whatever does not parse becomes an issue in the report.
 pub fn feed_trace(auditor: &mut Auditor, name: &str, input: impl BufRead) {
+    auditor.begin_trace();
     let mut r = trace::TraceReader::new(input, audit::wants_payload);
     while let Some(item) = r.next_item() {
         match item {

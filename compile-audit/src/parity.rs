@@ -31,7 +31,8 @@ pub struct Parity {
 impl Parity {
     /// Steps over `rtol` (or non-finite).
     pub fn violations(&self, rtol: f64) -> Vec<&Step> {
-        self.steps.iter().filter(|s| !(s.rel <= rtol)).collect()
+        // Not `<=`: a NaN difference (or rtol) is a violation too.
+        self.steps.iter().filter(|s| !matches!(s.rel.partial_cmp(&rtol), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal))).collect()
     }
 }
 

@@ -21,7 +21,7 @@ fn summary(r: &Report) -> [(&'static str, String); 7] {
     ]
 }
 
-/// Markdown: summary, breaks, recompiles, fallbacks, frames, captured, input issues.
+/// Markdown: summary, breaks, recompiles, restarts, fallbacks, frames, captured, input issues.
 pub fn markdown(r: &Report) -> String {
     let mut m = String::new();
     let _ = writeln!(m, "# torch.compile audit\n");
@@ -62,6 +62,27 @@ pub fn markdown(r: &Report) -> String {
         m += "## Recompilations\n\n| compile | frame | guard failure |\n|---|---|---|\n";
         for rc in &r.recompile_reasons {
             let _ = writeln!(m, "| {} | {} | {} |", rc.compile_id, cell(&rc.frame), cell(&rc.reasons.join("; ")));
+        }
+        m += "\n";
+    }
+    if !r.restarted.is_empty() {
+        let _ = writeln!(
+            m,
+            "## Restarted analyses\n\n{} restart(s): dynamo traced these compile ids again, with a new attempt number. Only the \
+             last attempt's graph is installed and counted in graphs; {} graph(s) logged by restarted attempts are not.\n\n\
+             | compile | frame | attempts | graphs discarded | reason |\n|---|---|---|---|---|",
+            r.restarts, r.superseded_graphs
+        );
+        for rs in &r.restarted {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} |",
+                rs.compile_id,
+                cell(&rs.frame),
+                rs.attempts,
+                rs.superseded_graphs,
+                cell(&rs.reasons.join("; "))
+            );
         }
         m += "\n";
     }
@@ -141,6 +162,17 @@ pub fn table(r: &Report) -> String {
     }
     for rc in &r.recompile_reasons {
         let _ = writeln!(t, "  recompile {:<6} {}: {}", rc.compile_id, rc.frame, rc.reasons.first().map_or("", |s| s.as_str()));
+    }
+    for rs in &r.restarted {
+        let _ = writeln!(
+            t,
+            "  restart   {:<6} {}: {} attempts, {} graph(s) discarded: {}",
+            rs.compile_id,
+            rs.frame,
+            rs.attempts,
+            rs.superseded_graphs,
+            rs.reasons.first().map_or("", |s| s.as_str())
+        );
     }
     for f in &r.fallbacks {
         let _ = writeln!(t, "  eager     {:<6} {}: {}", f.compile_id, f.frame, f.reason);
@@ -238,6 +270,15 @@ pub fn html(r: &Report) -> String {
         "Recompilations",
         &["compile", "frame", "guard failures"],
         r.recompile_reasons.iter().map(|rc| vec![rc.compile_id.clone(), rc.frame.clone(), rc.reasons.join("; ")]).collect(),
+    );
+    html_table(
+        &mut h,
+        "Restarted analyses (only the last attempt's graph is installed and counted)",
+        &["compile", "frame", "attempts", "graphs discarded", "reasons"],
+        r.restarted
+            .iter()
+            .map(|rs| vec![rs.compile_id.clone(), rs.frame.clone(), rs.attempts.to_string(), rs.superseded_graphs.to_string(), rs.reasons.join("; ")])
+            .collect(),
     );
     html_table(
         &mut h,

@@ -4,6 +4,13 @@
 //! - breaks: print + .item() branch, shapes changing with dynamic=False up to the
 //!   recompile limit (3);
 //! - qlora_gc: 2-layer Llama shape, bitsandbytes NF4 + PEFT LoRA, gradient checkpointing.
+//!
+//! And one from the QLoRA compile recipe's GPU runs (`recipe/runs/recipe-layers-16.tar.gz`,
+//! config `sdpa`, compiled; H100, torch 2.11): recipe_sdpa_restart, regional compile of a
+//! 16-layer NF4 + LoRA Llama, 4 compiled frames, the decoder layer's trace restarted once.
+//! Trimmed from that (already `trim_trace.py`-trimmed) trace by dropping the bulky
+//! `inductor_config` key from its 4 `compilation_metrics` records (they carry no payload);
+//! every other line is verbatim, payload checksums intact.
 
 use std::path::PathBuf;
 
@@ -72,6 +79,74 @@ fn qlora_gradient_checkpointing_breaks_on_requires_grad() {
         assert!(r.captured.matches(p), "{p} not captured: {:?}", r.captured.user_functions.keys().collect::<Vec<_>>());
     }
     insta::assert_snapshot!("qlora_gc", md(&r));
+}
+
+/// The trace text without one record (its JSON line and its payload lines).
+fn without_record(text: &str, record_line_contains: &[&str]) -> String {
+    let mut out = String::new();
+    let (mut dropping, mut dropped) = (false, 0);
+    for l in text.split_inclusive('\n') {
+        if !l.starts_with('\t') {
+            dropping = record_line_contains.iter().all(|p| l.contains(p));
+            dropped += usize::from(dropping);
+        }
+        if !dropping {
+            out.push_str(l);
+        }
+    }
+    assert_eq!(dropped, 1, "exactly one record matches {record_line_contains:?}");
+    out
+}
+
+fn audit_text(text: &str) -> Report {
+    let mut a = compile_audit::Auditor::new();
+    compile_audit::feed_trace(&mut a, "mem", text.as_bytes());
+    a.finish()
+}
+
+#[test]
+fn a_restarted_trace_is_not_an_extra_graph() {
+    let text = std::fs::read_to_string(fixture("recipe_sdpa_restart.log")).expect("fixture");
+    // The trace logs 5 graphs: compile id 0/0 (the decoder layer) once per attempt.
+    assert_eq!(text.lines().filter(|l| l.contains("] {\"dynamo_output_graph\"")).count(), 5);
+    let r = audit_text(&text);
+    assert_eq!(r.issue_count, 0, "{:?}", r.issues);
+    // 4 compiled frames (decoder layer, final norm, LM head, loss), one compile each: 4 graphs.
+    assert_eq!(r.frames.len(), 4);
+    assert!(r.frames.iter().all(|f| f.compiles.len() == 1));
+    assert_eq!((r.graphs, r.graph_breaks, r.recompiles), (4, 0, 0));
+    // The restart is reported on its own, with its reason.
+    assert_eq!((r.restarts, r.superseded_graphs, r.restarted.len()), (1, 1, 1));
+    let rs = &r.restarted[0];
+    assert_eq!((rs.compile_id.as_str(), rs.frame.as_str(), rs.attempts, rs.superseded_graphs), ("0/0", "forward", 2, 1));
+    assert_eq!(rs.reasons, ["<class 'torch._dynamo.exc.TensorifyScalarRestartAnalysis'>"]);
+    assert_eq!(r.frames[0].compiles[0].superseded_graphs, 1);
+
+    // Only the installed (last) attempt's graph counts, in graphs and in what was captured:
+    // without attempt 0's record the report is the same; without attempt 1's it is not.
+    let no_first = audit_text(&without_record(&text, &["{\"dynamo_output_graph\"", "\"frame_id\": 0, \"frame_compile_id\": 0, \"attempt\": 0,"]));
+    let no_last = audit_text(&without_record(&text, &["{\"dynamo_output_graph\"", "\"frame_id\": 0, \"frame_compile_id\": 0, \"attempt\": 1,"]));
+    assert_eq!((no_first.graphs, no_first.superseded_graphs, no_first.restarts), (4, 0, 1));
+    assert_eq!(no_first.captured.ops, r.captured.ops);
+    assert_eq!(no_first.captured.user_functions, r.captured.user_functions);
+    assert_eq!(no_first.captured.modules, r.captured.modules);
+    assert_eq!(no_last.graphs, 4);
+    // Attempt 0 read attention dropout and scale with `.item()`; the restart specialized them.
+    let items = |r: &Report| r.captured.ops.get("Tensor.item").copied().unwrap_or(0);
+    assert_eq!(items(&no_last), items(&r) + 2);
+    // One decoder layer graph: each LoRA projection's ops appear once, not once per attempt.
+    assert_eq!(r.captured.ops.get("torch.ops.bitsandbytes.dequantize_4bit.default"), Some(&7));
+
+    // What the recipe's gate requires is captured by the installed graphs alone.
+    for p in ["bitsandbytes.dequantize_4bit", "lora_A", "lora_B", "autograd_function_apply", "scaled_dot_product_attention",
+        "mlp.down_proj", "silu", "input_layernorm", "rsqrt", "cross_entropy", "ForCausalLMLoss"]
+    {
+        assert!(r.captured.matches(p), "{p} not captured");
+    }
+    let table = render::table(&r);
+    assert!(table.starts_with("graph breaks 0 | unique 0 | recompiles 0 | graphs 4 |"), "{table}");
+    assert!(table.contains("restart   0/0    forward: 2 attempts, 1 graph(s) discarded"), "{table}");
+    insta::assert_snapshot!("recipe_sdpa_restart", md(&r));
 }
 
 #[test]
