@@ -102,7 +102,7 @@ impl Gpu {
         if ordinal >= count {
             return Err(GpuError::NoDevice { ordinal, count });
         }
-        let ctx = CudaContext::new(ordinal).map_err(GpuError::driver("cuDevicePrimaryCtxRetain"))?;
+        let ctx = primary_context(ordinal)?;
         // SAFETY: see the invariant in the type's docs: one stream per Gpu.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(GpuError::driver("cuStreamCreate"))?;
@@ -140,4 +140,24 @@ impl Gpu {
         self.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))
     }
 
+}
+
+/// The device's primary context, retained once and kept for the life of the process.
+///
+/// Kernels are cached per context ([`crate::kernel`]); if the last `Gpu` of a device
+/// released its primary context, the driver would destroy it and a later `Gpu::open` could
+/// get a new context at the same address, for which the cache would hand out functions of
+/// the dead one (`CUDA_ERROR_INVALID_HANDLE` at launch). Holding one reference per device
+/// forever rules that out, and matches what CUDA runtimes (PyTorch's included) do.
+fn primary_context(ordinal: usize) -> Result<Arc<CudaContext>, GpuError> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static HELD: OnceLock<Mutex<HashMap<usize, Arc<CudaContext>>>> = OnceLock::new();
+    let mut held = HELD.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = held.get(&ordinal) {
+        return Ok(c.clone());
+    }
+    let ctx = CudaContext::new(ordinal).map_err(GpuError::driver("cuDevicePrimaryCtxRetain"))?;
+    held.insert(ordinal, ctx.clone());
+    Ok(ctx)
 }

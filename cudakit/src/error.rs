@@ -17,6 +17,21 @@ pub enum GpuError {
         /// How many devices the driver reports.
         count: usize,
     },
+    /// `libcublas.so` could not be loaded: GEMMs cannot run.
+    #[error("the cuBLAS library (libcublas.so.13) was not found: install the CUDA 13 cuBLAS runtime or put it on the loader path")]
+    NoCublas,
+    /// A cuBLAS call failed.
+    #[error("cuBLAS call `{call}` ({label}) failed: {status} ({code})")]
+    Cublas {
+        /// Which cuBLAS call, e.g. `cublasGemmEx`.
+        call: &'static str,
+        /// The caller's name for what was being done, e.g. the GEMM's label.
+        label: String,
+        /// The status's name, e.g. `CUBLAS_STATUS_INVALID_VALUE`.
+        status: String,
+        /// The status's numeric value.
+        code: i32,
+    },
     /// No CUDA context is current on the calling thread (C ABI callers must make one current).
     #[error("no CUDA context is current on this thread: create or bind one first (PyTorch does so on its first CUDA call)")]
     NoCurrentContext,

@@ -4,8 +4,9 @@
 //! - PTX per (source, arch): NVRTC runs once per source and compute capability.
 //! - `CUfunction` per (context, source, function name): a module is loaded once into each
 //!   context that uses it and never unloaded. Contexts here are primary contexts, which
-//!   live as long as the process in practice; a context destroyed and re-created at the
-//!   same address would see a stale entry, which is why we do not support that.
+//!   [`crate::Gpu::open`] keeps retained for the life of the process: a context destroyed
+//!   and re-created at the same address would otherwise see stale entries. (A foreign
+//!   runtime calling us through the C ABIs keeps its own context alive the same way.)
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};

@@ -24,6 +24,7 @@
 //! | raw | `cudarc::driver::sys`, `cudarc::nvrtc::sys` | unsafe, used only in [`kernel`] |
 //! | checked | [`driver_present`], [`nvrtc_present`], [`GpuError`] | never panics |
 //! | safe | [`Gpu`], [`kernel::compile_ptx`], [`timing`], [`testing`] | what crates use |
+//! | cuBLAS | [`blas::Blas`] (a handle bound to a stream and workspace), [`blas::Blas::gemm`] | GEMMs, column-major |
 //!
 //! # Example
 //!
@@ -35,6 +36,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod blas;
 mod device;
 mod error;
 pub mod kernel;

@@ -147,7 +147,7 @@ pub unsafe extern "C" fn memlinear_cross_entropy(
                 code = match e {
                     crate::Error::Target { .. } => 2,
                     crate::Error::NonFinite { .. } | crate::Error::NonFiniteResult { .. } => 3,
-                    crate::Error::Gpu(_) | crate::Error::Cublas { .. } => 4,
+                    crate::Error::Gpu(_) => 4,
                     _ => 1,
                 };
                 e.to_string()

@@ -25,7 +25,7 @@ use std::sync::{Mutex, OnceLock};
 
 use cudakit::kernel::{function_in_current_context, launch, Function, KernelSource};
 use cudakit::GpuError;
-use cudarc::cublas::sys as cb;
+use cudakit::blas::{Blas, DataType, Mat, Op};
 use cudarc::driver::sys as drv;
 
 use crate::codegen::{self, Spec};
@@ -221,20 +221,9 @@ pub fn needs(loss: &Loss, p: &RawProblem, o: &RawOutputs) -> Needs {
     }
 }
 
-struct Handle(cb::cublasHandle_t);
-// SAFETY: a cuBLAS handle may be used from any thread as long as calls do not overlap;
-// every use holds the HANDLES mutex.
-unsafe impl Send for Handle {}
-
-static HANDLES: OnceLock<Mutex<HashMap<usize, Handle>>> = OnceLock::new();
-
-fn cublas_ok(call: &'static str, s: cb::cublasStatus_t) -> Result<(), Error> {
-    if s == cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Cublas { call, status: s as i32 })
-    }
-}
+/// One cuBLAS handle per context, reused by every call (rebound to the call's stream and
+/// workspace at its start).
+static HANDLES: OnceLock<Mutex<HashMap<usize, Blas>>> = OnceLock::new();
 
 fn current_ctx() -> Result<drv::CUcontext, Error> {
     if !cudakit::driver_present() {
@@ -250,54 +239,14 @@ fn current_ctx() -> Result<drv::CUcontext, Error> {
     Ok(ctx)
 }
 
-fn ct(d: Dtype) -> cb::cudaDataType {
-    match d {
-        Dtype::F32 => cb::cudaDataType::CUDA_R_32F,
-        Dtype::F16 => cb::cudaDataType::CUDA_R_16F,
-        Dtype::Bf16 => cb::cudaDataType::CUDA_R_16BF,
+impl From<Dtype> for DataType {
+    fn from(d: Dtype) -> DataType {
+        match d {
+            Dtype::F32 => DataType::F32,
+            Dtype::F16 => DataType::F16,
+            Dtype::Bf16 => DataType::Bf16,
+        }
     }
-}
-
-/// Column-major `C[m, n] = alpha * op(A) op(B) + beta * C` with f32 compute (no TF32).
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
-    h: cb::cublasHandle_t,
-    call: &'static str,
-    ta: bool,
-    tb: bool,
-    (m, n, k): (usize, usize, usize),
-    (a, at, lda): (u64, Dtype, usize),
-    (b, bt, ldb): (u64, Dtype, usize),
-    beta: f32,
-    (c, ctp, ldc): (u64, Dtype, usize),
-) -> Result<(), Error> {
-    let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
-    let alpha = 1f32;
-    let i = |x: usize| x as i32;
-    cublas_ok(
-        call,
-        cb::cublasGemmEx(
-            h,
-            op(ta),
-            op(tb),
-            i(m),
-            i(n),
-            i(k),
-            &alpha as *const f32 as *const c_void,
-            a as *const c_void,
-            ct(at),
-            i(lda),
-            b as *const c_void,
-            ct(bt),
-            i(ldb),
-            &beta as *const f32 as *const c_void,
-            c as *mut c_void,
-            ct(ctp),
-            i(ldc),
-            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-        ),
-    )
 }
 
 const HELPERS: &str = r#"
@@ -469,21 +418,14 @@ pub unsafe fn run_raw(
     let ctx = current_ctx()?;
     let handles = HANDLES.get_or_init(Default::default);
     let mut hs = handles.lock().unwrap_or_else(|p| p.into_inner());
-    let h = match hs.entry(ctx as usize) {
-        std::collections::hash_map::Entry::Occupied(e) => e.get().0,
-        std::collections::hash_map::Entry::Vacant(e) => {
-            if !cb::is_culib_present() {
-                return Err(Error::Options("cuBLAS (libcublas.so.13) was not found on the loader path".into()));
-            }
-            let mut h: cb::cublasHandle_t = std::ptr::null_mut();
-            cublas_ok("cublasCreate", cb::cublasCreate_v2(&mut h))?;
-            e.insert(Handle(h)).0
+    let h: &Blas = match hs.entry(ctx as usize) {
+        std::collections::hash_map::Entry::Occupied(e) => {
+            let b = e.into_mut();
+            b.rebind(stream, ws(lay.cublas), CUBLAS_WORKSPACE)?;
+            b
         }
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Blas::with_workspace(stream, ws(lay.cublas), CUBLAS_WORKSPACE)?),
     };
-    cublas_ok("cublasSetStream", cb::cublasSetStream_v2(h, stream as cb::cudaStream_t))?;
-    cublas_ok("cublasSetWorkspace", cb::cublasSetWorkspace_v2(h, ws(lay.cublas) as *mut c_void, CUBLAS_WORKSPACE))?;
-    cublas_ok("cublasSetPointerMode", cb::cublasSetPointerMode_v2(h, cb::cublasPointerMode_t::CUBLAS_POINTER_MODE_HOST))?;
-    cublas_ok("cublasSetMathMode", cb::cublasSetMathMode(h, cb::cublasMath_t::CUBLAS_DEFAULT_MATH))?;
 
     // Flags: [0] target count, [1] first bad target, [2] loss flags, [3] first bad token.
     let flags = ws(lay.flags);
@@ -535,16 +477,17 @@ pub unsafe fn run_raw(
         drv_ok("cuMemsetD8Async", drv::cuMemsetD8Async(d, 0, v * 4, stream))?;
     }
     let zbuf = ws(lay.logits);
+    let bt = DataType::from(dt);
     let tbuf = lay.teacher.map(ws);
     let es = dt.size() as u64;
     let mut t0 = 0usize;
     while t0 < tn {
         let rows = chunk.min(tn - t0);
         let xc = p.student.x + (t0 * hd) as u64 * es;
-        gemm(h, "logits GEMM", true, false, (v, rows, hd), (p.student.w, dt, hd), (xc, dt, hd), 0.0, (zbuf, dt, v))?;
+        h.gemm("logits GEMM", Op::T, Op::N, v, rows, hd, 1.0, Mat::new(p.student.w, bt, hd), Mat::new(xc, bt, hd), 0.0, Mat::new(zbuf, bt, v))?;
         if let (Some(tb), Some(th)) = (tbuf, p.teacher) {
             let txc = th.x + (t0 * th.hidden) as u64 * es;
-            gemm(h, "teacher logits GEMM", true, false, (v, rows, th.hidden), (th.w, dt, th.hidden), (txc, dt, th.hidden), 0.0, (tb, dt, v))?;
+            h.gemm("teacher logits GEMM", Op::T, Op::N, v, rows, th.hidden, 1.0, Mat::new(th.w, bt, th.hidden), Mat::new(txc, bt, th.hidden), 0.0, Mat::new(tb, bt, v))?;
         }
         {
             let mut a_z = zbuf;
@@ -587,11 +530,11 @@ pub unsafe fn run_raw(
         }
         if o.dx != 0 {
             let dxc = o.dx + (t0 * hd) as u64 * es;
-            gemm(h, "dX GEMM", false, false, (hd, rows, v), (p.student.w, dt, hd), (zbuf, dt, v), 0.0, (dxc, dt, hd))?;
+            h.gemm("dX GEMM", Op::N, Op::N, hd, rows, v, 1.0, Mat::new(p.student.w, bt, hd), Mat::new(zbuf, bt, v), 0.0, Mat::new(dxc, bt, hd))?;
         }
         if o.dw != 0 {
             let beta = if t0 == 0 && !(o.accumulate && lay.dw_acc.is_none()) { 0.0 } else { 1.0 };
-            gemm(h, "dW GEMM", false, true, (hd, v, rows), (xc, dt, hd), (zbuf, dt, v), beta, (dw_target, Dtype::F32, hd))?;
+            h.gemm("dW GEMM", Op::N, Op::T, hd, v, rows, 1.0, Mat::new(xc, bt, hd), Mat::new(zbuf, bt, v), beta, Mat::new(dw_target, DataType::F32, hd))?;
             if o.db != 0 && p.student.bias != 0 {
                 let acc = db_acc.unwrap_or(o.db);
                 if t0 == 0 && db_acc.is_none() && !o.accumulate {

@@ -247,17 +247,9 @@ pub enum Error {
     /// The loss expression is malformed.
     #[error(transparent)]
     Loss(#[from] expr::ExprError),
-    /// A CUDA driver / NVRTC problem.
+    /// A CUDA driver / NVRTC / cuBLAS problem.
     #[error(transparent)]
     Gpu(#[from] cudakit::GpuError),
-    /// A cuBLAS call failed.
-    #[error("cuBLAS call `{call}` failed with status {status}")]
-    Cublas {
-        /// The call.
-        call: &'static str,
-        /// cuBLAS status code.
-        status: i32,
-    },
 }
 
 /// Validates shapes, targets, parameters and finiteness of every input; returns the

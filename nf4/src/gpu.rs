@@ -283,8 +283,25 @@ impl GpuQuantized {
             ));
         }
         let stream = self.gpu.stream();
+        let args = self.dequant_args(out.device_ptr_mut(stream).0, T::DTYPE);
+        let g = |source| Nf4Error::Gpu { tensor: self.name.clone(), source };
+        self.gpu.bind().map_err(g)?;
+        // SAFETY: all buffers were sized from the validated state (packed >= ceil(n/2)
+        // bytes, absmax one per block, absmax2 one per nested group, code 16, code2 256)
+        // and `out` holds numel elements; they live on this context and stream.
+        unsafe { launch_dequant(&args, stream.cu_stream()) }.map_err(g)
+    }
+
+    /// The [`launch_dequant`] arguments that write this whole tensor (`numel` elements of
+    /// `out_dtype`, in [`QuantState::output_shape`] order) to the device address `out`:
+    /// for callers that dequantize into their own buffers (a slice of a larger scratch
+    /// buffer, say) on their own stream. The input addresses stay valid while `self`
+    /// lives; launch in the context it was uploaded to, with `out` holding `numel`
+    /// elements.
+    pub fn dequant_args(&self, out: u64, out_dtype: FloatDtype) -> DequantArgs {
+        let stream = self.gpu.stream();
         let ptr = |s: &CudaSlice<_>| s.device_ptr(stream).0;
-        let args = DequantArgs {
+        DequantArgs {
             packed: self.packed.device_ptr(stream).0,
             absmax: self.absmax.device_ptr(stream).0,
             absmax2: self.absmax2.as_ref().map_or(0, ptr),
@@ -302,15 +319,9 @@ impl GpuQuantized {
                 Absmax::Plain(_) => 0,
             },
             transposed: self.state.is_transposed().then(|| (self.state.shape[0] as u64, self.state.shape[1] as u64)),
-            out: out.device_ptr_mut(stream).0,
-            out_dtype: T::DTYPE,
-        };
-        let g = |source| Nf4Error::Gpu { tensor: self.name.clone(), source };
-        self.gpu.bind().map_err(g)?;
-        // SAFETY: all buffers were sized from the validated state (packed >= ceil(n/2)
-        // bytes, absmax one per block, absmax2 one per nested group, code 16, code2 256)
-        // and `out` holds numel elements; they live on this context and stream.
-        unsafe { launch_dequant(&args, stream.cu_stream()) }.map_err(g)
+            out,
+            out_dtype,
+        }
     }
 
 }

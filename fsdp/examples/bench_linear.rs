@@ -1,0 +1,261 @@
+//! Times the NF4 + LoRA linear (`fsdp::gpu::linear`) on the Llama-3.2-1B projection groups:
+//! forward and backward per group, split into NF4 dequantization, base GEMM and LoRA, with
+//! the base GEMMs' TFLOP/s.
+//!
+//! ```text
+//! cargo run -p fsdp --release --example bench_linear -- [--rows 8192] [--rank 16] [--json out.json]
+//! ```
+//!
+//! Per group: `q|k|v` (2048 -> 2048+512+512), `o` (2048 -> 2048), `gate|up`
+//! (2048 -> 8192+8192), `down` (8192 -> 2048); bf16, LoRA on every part. `y` is bf16 for
+//! `q|k|v` and `gate|up` and f32 accumulated (`beta = 1`) for `o` and `down`, as in the
+//! model's residual stream; `dx` is f32, overwritten.
+//!
+//! What is timed (CUDA events, median of `reps` after warm-up; inputs and weights rotate
+//! over 4 copies (distinct addresses, same values) so that no repetition finds its operands in L2):
+//! - `dequant`: the group's NF4 dequantizations into scratch (one nf4 kernel per part);
+//! - `gemm fwd` / `gemm bwd`: the base GEMM alone (`y = x W^T`, `dx = dy W`) on an
+//!   already dequantized weight;
+//! - the LoRA GEMMs one kind at a time (second table);
+//! - `fwd` / `bwd`: the whole call; `fwd no-LoRA` / `bwd no-LoRA`: the same group without
+//!   adapters (dequant + base GEMM + call overhead). LoRA = full - no-LoRA.
+
+use std::error::Error;
+
+use cudakit::blas::{Blas, DataType, Mat, Op};
+use cudakit::timing::{median, time_us};
+use cudakit::Gpu;
+use cudarc::driver::{CudaSlice, DevicePtr};
+use fsdp::gpu::linear::{self, Group, LoraRef, Nf4Ref, Part};
+use fsdp::gpu::Dtype;
+use nf4::testing::Rng;
+use nf4::{GpuQuantized, QuantizeOptions};
+
+const COPIES: usize = 4;
+
+struct Spec {
+    name: &'static str,
+    inf: usize,
+    outs: &'static [usize],
+    /// y in f32, accumulated (o, down) or bf16 (q|k|v, gate|up).
+    y_f32: bool,
+}
+
+const GROUPS: [Spec; 4] = [
+    Spec { name: "q|k|v", inf: 2048, outs: &[2048, 512, 512], y_f32: false },
+    Spec { name: "o", inf: 2048, outs: &[2048], y_f32: true },
+    Spec { name: "gate|up", inf: 2048, outs: &[8192, 8192], y_f32: false },
+    Spec { name: "down", inf: 8192, outs: &[2048], y_f32: true },
+];
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> u64 {
+    s.device_ptr(gpu.stream()).0
+}
+
+/// `n` values uniform in `[-sqrt(3), sqrt(3)) * scale` (unit variance times `scale`): cheap,
+/// which matters for the hundreds of millions of elements here.
+fn bf16s(rng: &mut Rng, n: usize, scale: f64) -> Vec<half::bf16> {
+    let k = (2.0 * 3f64.sqrt() * scale) as f32;
+    (0..n).map(|_| half::bf16::from_f32(((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * k)).collect()
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rows: usize = arg(&args, "--rows").map_or(Ok(8192), |v| v.parse())?;
+    let rank: usize = arg(&args, "--rank").map_or(Ok(16), |v| v.parse())?;
+    let (warmup, reps) = (3, 20);
+    let gpu = Gpu::open(0)?;
+    let blas = Blas::on(&gpu, 32 << 20)?;
+    let s = gpu.stream().clone();
+    let st = s.cu_stream();
+    let mut rng = Rng::new(7);
+    println!("{} (sm_{}), rows {rows}, LoRA r {rank}, bf16; median of {reps} (us)", gpu.info().name, gpu.info().arch);
+    println!(
+        "{:<8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "group", "dequant", "gemm fwd", "fwd", "fwd noLR", "LoRA fwd", "gemm bwd", "bwd", "bwd noLR", "LoRA bwd", "TF/s fwd", "TF/s bwd", "fwd+bwd"
+    );
+    let mut results = Vec::new();
+    let mut lora_rows = Vec::new();
+    for spec in &GROUPS {
+        let (inf, o) = (spec.inf, spec.outs.iter().sum::<usize>());
+        let r_sum = rank * spec.outs.len();
+        // Weights: quantized once per part, uploaded COPIES times (distinct addresses).
+        let mut qs: Vec<Vec<GpuQuantized>> = (0..COPIES).map(|_| Vec::new()).collect();
+        for (p, &out) in spec.outs.iter().enumerate() {
+            let w = bf16s(&mut rng, out * inf, 1.0 / (inf as f64).sqrt());
+            let q = nf4::quantize(&format!("{}.{p}", spec.name), &w, &[out, inf], &QuantizeOptions::default())?;
+            for c in qs.iter_mut() {
+                c.push(GpuQuantized::upload(&gpu, spec.name, &q)?);
+            }
+        }
+        let up = |v: &[half::bf16]| s.clone_htod(v);
+        // COPIES uploads of one host buffer each: distinct addresses are what defeats L2.
+        let (xh, dyh) = (bf16s(&mut rng, rows * inf, 1.0), bf16s(&mut rng, rows * o, 1.0));
+        let mut xs = Vec::new();
+        let mut dys = Vec::new();
+        for _ in 0..COPIES {
+            xs.push(up(&xh)?);
+            dys.push(up(&dyh)?);
+        }
+        // Adapters, contiguous per group (A stacked [R, in], dA likewise).
+        let a = up(&bf16s(&mut rng, r_sum * inf, 1.0 / (inf as f64).sqrt()))?;
+        let b = up(&bf16s(&mut rng, o * rank, 0.1))?;
+        let da = s.alloc_zeros::<f32>(r_sum * inf)?;
+        let db = s.alloc_zeros::<f32>(o * rank)?;
+        let y = if spec.y_f32 { s.alloc_zeros::<u8>(rows * o * 4)? } else { s.alloc_zeros::<u8>(rows * o * 2)? };
+        let dx = s.alloc_zeros::<f32>(rows * inf)?;
+        let xa = s.alloc_zeros::<half::bf16>(rows * r_sum)?;
+        let parts_of = |c: usize, lora: bool| -> Vec<Part> {
+            let mut col = 0;
+            spec.outs
+                .iter()
+                .enumerate()
+                .map(|(p, &out)| {
+                    let l = LoraRef {
+                        a: ptr(&gpu, &a) + (p * rank * inf * 2) as u64,
+                        b: ptr(&gpu, &b) + (col * rank * 2) as u64,
+                        r: rank,
+                        scale: 2.0,
+                        da: ptr(&gpu, &da) + (p * rank * inf * 4) as u64,
+                        db: ptr(&gpu, &db) + (col * rank * 4) as u64,
+                    };
+                    col += out;
+                    Part { weight: Nf4Ref { weight: &qs[c][p] }, out_features: out, bias: 0, lora: lora.then_some(l) }
+                })
+                .collect()
+        };
+        let full: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, true)).collect();
+        let bare: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, false)).collect();
+        let sb = linear::scratch_bytes(&Group { parts: &full[0], in_features: inf, dtype: Dtype::Bf16 }, rows);
+        let scratch = s.alloc_zeros::<u8>(sb)?;
+        let (scr, yp, dxp, xap) = (ptr(&gpu, &scratch), ptr(&gpu, &y), ptr(&gpu, &dx), ptr(&gpu, &xa));
+        let (y_dt, beta) = if spec.y_f32 { (Dtype::F32, 1.0) } else { (Dtype::Bf16, 0.0) };
+        let (xs, dys, blas, gpu) = (&xs, &dys, &blas, &gpu);
+
+        let t = |f: &mut dyn FnMut(usize) -> Result<(), cudakit::GpuError>| -> Result<f64, cudakit::GpuError> {
+            let mut v = time_us(&s, warmup, reps, f)?;
+            Ok(median(&mut v))
+        };
+        let dequant = t(&mut |i| {
+            let c = i % COPIES;
+            let mut row = 0u64;
+            for q in &qs[c] {
+                let args = q.dequant_args(scr + row * inf as u64 * 2, nf4::FloatDtype::Bf16);
+                unsafe { nf4::gpu::launch_dequant(&args, st) }?;
+                row += q.state().shape[0] as u64;
+            }
+            Ok(())
+        })?;
+        let ydt = if spec.y_f32 { DataType::F32 } else { DataType::Bf16 };
+        let gemm_fwd = t(&mut |i| unsafe {
+            let x = ptr(gpu, &xs[i % COPIES]);
+            blas.gemm("bench y = x W^T", Op::T, Op::N, o, rows, inf, 1.0, Mat::new(scr, DataType::Bf16, inf), Mat::new(x, DataType::Bf16, inf), beta, Mat::new(yp, ydt, o))
+        })?;
+        let gemm_bwd = t(&mut |i| unsafe {
+            let dy = ptr(gpu, &dys[i % COPIES]);
+            blas.gemm("bench dx = dy W", Op::N, Op::N, inf, rows, o, 1.0, Mat::new(scr, DataType::Bf16, inf), Mat::new(dy, DataType::Bf16, o), 0.0, Mat::new(dxp, DataType::F32, inf))
+        })?;
+        let fwd_call = |sets: &[Vec<Part>], i: usize| unsafe {
+            let c = i % COPIES;
+            let g = Group { parts: &sets[c], in_features: inf, dtype: Dtype::Bf16 };
+            let xa = if g.lora_rank_sum() > 0 { xap } else { 0 };
+            linear::forward(blas, &g, rows, ptr(gpu, &xs[c]), inf, yp, o, y_dt, beta, xa, scr, sb, st)
+        };
+        let bwd_call = |sets: &[Vec<Part>], i: usize| unsafe {
+            let c = i % COPIES;
+            let g = Group { parts: &sets[c], in_features: inf, dtype: Dtype::Bf16 };
+            let xa = if g.lora_rank_sum() > 0 { xap } else { 0 };
+            linear::backward(blas, &g, rows, ptr(gpu, &xs[c]), inf, xa, ptr(gpu, &dys[c]), o, dxp, inf, Dtype::F32, 0.0, scr, sb, st)
+        };
+        let fwd = t(&mut |i| fwd_call(&full, i))?;
+        let fwd_bare = t(&mut |i| fwd_call(&bare, i))?;
+        let bwd = t(&mut |i| bwd_call(&full, i))?;
+        let bwd_bare = t(&mut |i| bwd_call(&bare, i))?;
+        // The LoRA GEMMs one kind at a time, as `linear` issues them (contiguous adapters).
+        let gbuf = s.alloc_zeros::<half::bf16>(rows * r_sum)?;
+        let gp = ptr(gpu, &gbuf);
+        let (ap, bp, dap, dbp) = (ptr(gpu, &a), ptr(gpu, &b), ptr(gpu, &da), ptr(gpu, &db));
+        let bf = DataType::Bf16;
+        let per_part = |f: &mut dyn FnMut(usize, usize, usize) -> Result<(), cudakit::GpuError>| {
+            let mut col = 0;
+            for (p, &out) in spec.outs.iter().enumerate() {
+                f(p, col, out)?;
+                col += out;
+            }
+            Ok::<(), cudakit::GpuError>(())
+        };
+        let l_xa = t(&mut |i| unsafe {
+            blas.gemm("xa", Op::T, Op::N, r_sum, rows, inf, 1.0, Mat::new(ap, bf, inf), Mat::new(ptr(gpu, &xs[i % COPIES]), bf, inf), 0.0, Mat::new(xap, bf, r_sum))
+        })?;
+        let l_up = t(&mut |_| {
+            per_part(&mut |p, col, out| unsafe {
+                let yc = yp + (col * if spec.y_f32 { 4 } else { 2 }) as u64;
+                blas.gemm("up", Op::T, Op::N, out, rows, rank, 2.0, Mat::new(bp + (col * rank * 2) as u64, bf, rank), Mat::new(xap + (p * rank * 2) as u64, bf, r_sum), 1.0, Mat::new(yc, ydt, o))
+            })
+        })?;
+        let l_g = t(&mut |i| {
+            let dy = ptr(gpu, &dys[i % COPIES]);
+            per_part(&mut |p, col, out| unsafe {
+                blas.gemm("g", Op::N, Op::N, rank, rows, out, 2.0, Mat::new(bp + (col * rank * 2) as u64, bf, rank), Mat::new(dy + (col * 2) as u64, bf, o), 0.0, Mat::new(gp + (p * rank * 2) as u64, bf, r_sum))
+            })
+        })?;
+        let l_dxa = t(&mut |_| unsafe {
+            blas.gemm("dx+=gA", Op::N, Op::N, inf, rows, r_sum, 1.0, Mat::new(ap, bf, inf), Mat::new(gp, bf, r_sum), 1.0, Mat::new(dxp, DataType::F32, inf))
+        })?;
+        let l_db = t(&mut |i| {
+            let dy = ptr(gpu, &dys[i % COPIES]);
+            per_part(&mut |p, col, out| unsafe {
+                blas.gemm("dB", Op::N, Op::T, rank, out, rows, 2.0, Mat::new(xap + (p * rank * 2) as u64, bf, r_sum), Mat::new(dy + (col * 2) as u64, bf, o), 1.0, Mat::new(dbp + (col * rank * 4) as u64, DataType::F32, rank))
+            })
+        })?;
+        let l_da = t(&mut |i| unsafe {
+            blas.gemm("dA", Op::N, Op::T, inf, r_sum, rows, 1.0, Mat::new(ptr(gpu, &xs[i % COPIES]), bf, inf), Mat::new(gp, bf, r_sum), 1.0, Mat::new(dap, DataType::F32, inf))
+        })?;
+        lora_rows.push(format!(
+            "{:<8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            spec.name, l_xa, l_up, l_g, l_dxa, l_db, l_da
+        ));
+        let flops = 2.0 * rows as f64 * inf as f64 * o as f64;
+        let tf = |us: f64| flops / us * 1e-6;
+        println!(
+            "{:<8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.0} {:>9.0} {:>9.1}",
+            spec.name,
+            dequant,
+            gemm_fwd,
+            fwd,
+            fwd_bare,
+            fwd - fwd_bare,
+            gemm_bwd,
+            bwd,
+            bwd_bare,
+            bwd - bwd_bare,
+            tf(gemm_fwd),
+            tf(gemm_bwd),
+            fwd + bwd
+        );
+        results.push(serde_json::json!({
+            "group": spec.name, "in": inf, "outs": spec.outs, "rows": rows, "rank": rank, "dtype": "bf16",
+            "y": if spec.y_f32 { "f32 accumulate" } else { "bf16" },
+            "us": { "dequant": dequant, "gemm_fwd": gemm_fwd, "fwd": fwd, "fwd_no_lora": fwd_bare, "lora_fwd": fwd - fwd_bare,
+                    "gemm_bwd": gemm_bwd, "bwd": bwd, "bwd_no_lora": bwd_bare, "lora_bwd": bwd - bwd_bare },
+            "lora_gemms_us": { "fwd_xa": l_xa, "fwd_up": l_up, "bwd_g": l_g, "bwd_dx": l_dxa, "bwd_db": l_db, "bwd_da": l_da },
+            "base_gemm_tflops": { "fwd": tf(gemm_fwd), "bwd": tf(gemm_bwd) },
+            "base_flops_per_direction": flops,
+        }));
+    }
+    println!("LoRA GEMMs alone (us): fwd xa = x A^T, fwd y += s xa B^T (all parts); bwd g = s dy B (all parts), dx += g A, dB (all parts), dA");
+    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "xa", "up", "g", "dx+=gA", "dB", "dA");
+    for r in &lora_rows {
+        println!("{r}");
+    }
+    let v = serde_json::json!({ "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "results": results });
+    if let Some(p) = arg(&args, "--json") {
+        std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
+        println!("wrote {p}");
+    }
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! GPU tests of `fsdp::gpu::linear` (NF4 base + LoRA, fused groups) against the CPU
+//! reference `fsdp::ops::lora_linear`, part by part, on 16-bit-rounded inputs and the NF4
+//! weights dequantized on the CPU (bit-identical to the GPU's dequantization).
+//!
+//! Fresh random data each run (seed printed; replay with `NF4_TEST_SEED`), outputs,
+//! scratch, `xa` and stride padding poisoned (0xFF bytes: NaN) first; padding and the gaps
+//! between non-contiguous adapter buffers are checked to be untouched afterwards. Skipped
+//! without a GPU, failures under `REQUIRE_GPU=1`.
+
+use cudakit::blas::Blas;
+use cudakit::testing::{gpu_or_skip, poison};
+use cudakit::Gpu;
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use fsdp::gpu::linear::{self, Group, LoraRef, Nf4Ref, Part};
+use fsdp::gpu::Dtype;
+use fsdp::ops::{lora_linear_backward, lora_linear_forward, Adapter, AdapterGrads, Frozen};
+use nf4::testing::Rng;
+use nf4::{GpuQuantized, QuantizeOptions};
+
+const POISON16: u16 = 0xffff;
+/// The f32 NaN `cudakit::testing::poison` writes (all bits set), used for padding too.
+fn poison32() -> f32 {
+    f32::from_bits(u32::MAX)
+}
+
+fn round(dt: Dtype, x: f32) -> f32 {
+    match dt {
+        Dtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+        Dtype::F16 => half::f16::from_f32(x).to_f32(),
+        Dtype::F32 => x,
+    }
+}
+
+fn bits(dt: Dtype, x: f32) -> u16 {
+    match dt {
+        Dtype::Bf16 => half::bf16::from_f32(x).to_bits(),
+        Dtype::F16 => half::f16::from_f32(x).to_bits(),
+        Dtype::F32 => unreachable!("16-bit only"),
+    }
+}
+
+fn from_bits(dt: Dtype, b: u16) -> f32 {
+    match dt {
+        Dtype::Bf16 => half::bf16::from_bits(b).to_f32(),
+        Dtype::F16 => half::f16::from_bits(b).to_f32(),
+        Dtype::F32 => unreachable!("16-bit only"),
+    }
+}
+
+fn normals(rng: &mut Rng, dt: Dtype, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| round(dt, (rng.normal() * scale) as f32)).collect()
+}
+
+fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> u64 {
+    s.device_ptr(gpu.stream()).0
+}
+
+fn up<T: DeviceRepr>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
+    gpu.stream().clone_htod(v).expect("upload")
+}
+
+fn down<T: DeviceRepr + Default + Clone>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<T> {
+    gpu.stream().clone_dtoh(s).expect("download")
+}
+
+/// A `[rows, cols]` matrix stored with row stride `ld`, the padding filled with `pad`.
+fn strided<T: Copy>(dense: &[T], rows: usize, cols: usize, ld: usize, pad: T) -> Vec<T> {
+    let mut out = vec![pad; rows * ld];
+    for r in 0..rows {
+        out[r * ld..r * ld + cols].copy_from_slice(&dense[r * cols..(r + 1) * cols]);
+    }
+    out
+}
+
+/// ||a - b|| / ||b||, and max |a - b| / rms(b).
+fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let d = g as f64 - w as f64;
+        num += d * d;
+        den += (w as f64) * (w as f64);
+        max = max.max(d.abs());
+    }
+    let rms = (den / want.len() as f64).sqrt().max(1e-30);
+    ((num / den.max(1e-30)).sqrt(), if max.is_nan() || got.iter().any(|g| !g.is_finite()) { f64::INFINITY } else { max / rms })
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let (rel, max) = errors(got, want);
+    assert!(rel <= tol && max <= 8.0 * tol, "{what}: relative error {rel:.3e}, max error / rms {max:.3e} (tolerance {tol:.1e})");
+}
+
+/// One test case: a group and how it is called.
+#[derive(Clone, Debug)]
+struct Case {
+    dt: Dtype,
+    rows: usize,
+    inf: usize,
+    outs: Vec<usize>,
+    /// Rank per part (None: no adapter).
+    ranks: Vec<Option<usize>>,
+    bias: Vec<bool>,
+    /// Extra elements per row of x, y, dy, dx.
+    pad: usize,
+    y_f32: bool,
+    /// y: 0 overwrite, 1 accumulate.
+    beta: f32,
+    /// dx in the compute dtype (else f32).
+    dx16: bool,
+    dx_beta: f32,
+    /// Adapters' A and dA buffers adjacent in part order (else separated by gaps).
+    contiguous: bool,
+    blocksize: usize,
+}
+
+impl Case {
+    fn new(dt: Dtype, rows: usize, inf: usize, outs: &[usize]) -> Case {
+        Case {
+            dt,
+            rows,
+            inf,
+            outs: outs.to_vec(),
+            ranks: vec![None; outs.len()],
+            bias: vec![false; outs.len()],
+            pad: 0,
+            y_f32: false,
+            beta: 0.0,
+            dx16: false,
+            dx_beta: 0.0,
+            contiguous: true,
+            blocksize: 64,
+        }
+    }
+}
+
+/// Host side of one part.
+struct HostPart {
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    r: usize,
+    scale: f32,
+}
+
+/// Runs `c` forward and backward on the GPU and checks both against the CPU reference.
+fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
+    let what = format!("{c:?}");
+    let s = gpu.stream();
+    let dt = c.dt;
+    let (rows, inf) = (c.rows, c.inf);
+    let o: usize = c.outs.iter().sum();
+    let r_sum: usize = c.ranks.iter().flatten().sum();
+    let gap = if c.contiguous { 0 } else { 7 }; // elements between adapters' A / dA rows
+    let opts = QuantizeOptions { blocksize: c.blocksize, ..Default::default() };
+
+    // Host data, rounded to the compute dtype where the GPU holds it so.
+    let mut host = Vec::new();
+    let mut qs = Vec::new();
+    for (p, &out) in c.outs.iter().enumerate() {
+        let w0: Vec<f32> = (0..out * inf).map(|_| (rng.normal() / (inf as f64).sqrt()) as f32).collect();
+        let q = nf4::quantize(&format!("part{p}"), &w0, &[out, inf], &opts).expect("quantize");
+        let w: Vec<f32> = match dt {
+            Dtype::Bf16 => nf4::dequantize::<half::bf16>("w", &q.packed, &q.state).unwrap().iter().map(|x| x.to_f32()).collect(),
+            _ => nf4::dequantize::<half::f16>("w", &q.packed, &q.state).unwrap().iter().map(|x| x.to_f32()).collect(),
+        };
+        let r = c.ranks[p].unwrap_or(0);
+        host.push(HostPart {
+            w,
+            bias: c.bias[p].then(|| normals(rng, dt, out, 0.5)),
+            a: normals(rng, dt, r * inf, 1.0 / (inf as f64).sqrt()),
+            b: normals(rng, dt, out * r, 1.0 / (r.max(1) as f64).sqrt()),
+            r,
+            scale: if r > 0 { 16.0 / r as f32 } else { 0.0 },
+        });
+        qs.push(GpuQuantized::upload(gpu, &format!("part{p}"), &q).expect("upload"));
+    }
+    let x = normals(rng, dt, rows * inf, 1.0);
+    let dy = normals(rng, dt, rows * o, 1.0);
+
+    // Device buffers. Adapters: one buffer each for A, B, dA, dB, parts in order, with
+    // `gap` elements (poison) between parts' A and dA when not contiguous.
+    let adapted: Vec<usize> = (0..c.outs.len()).filter(|&p| host[p].r > 0).collect();
+    let mut a_all = Vec::new();
+    let mut a_off = vec![0usize; c.outs.len()];
+    let mut b_all = Vec::new();
+    let mut b_off = vec![0usize; c.outs.len()];
+    let mut da0 = Vec::new();
+    let mut da_off = vec![0usize; c.outs.len()];
+    let mut db0 = Vec::new();
+    let mut db_off = vec![0usize; c.outs.len()];
+    for &p in &adapted {
+        let h = &host[p];
+        a_off[p] = a_all.len();
+        a_all.extend(h.a.iter().map(|&v| bits(dt, v)));
+        a_all.extend(std::iter::repeat_n(POISON16, gap));
+        b_off[p] = b_all.len();
+        b_all.extend(h.b.iter().map(|&v| bits(dt, v)));
+        da_off[p] = da0.len();
+        da0.extend((0..h.r * inf).map(|_| rng.normal() as f32));
+        da0.extend(std::iter::repeat_n(f32::NAN, gap));
+        db_off[p] = db0.len();
+        db0.extend((0..c.outs[p] * h.r).map(|_| rng.normal() as f32));
+    }
+    let keep = |v: &mut Vec<u16>| if v.is_empty() { v.push(0) };
+    keep(&mut a_all);
+    keep(&mut b_all);
+    if da0.is_empty() {
+        da0.push(0.0);
+        db0.push(0.0);
+    }
+    let (a_d, b_d) = (up(gpu, &a_all), up(gpu, &b_all));
+    let (da_d, db_d) = (up(gpu, &da0), up(gpu, &db0));
+    let bias_d: Vec<Option<CudaSlice<u16>>> =
+        host.iter().map(|h| h.bias.as_ref().map(|b| up(gpu, &b.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>()))).collect();
+
+    let parts: Vec<Part> = (0..c.outs.len())
+        .map(|p| Part {
+            weight: Nf4Ref { weight: &qs[p] },
+            out_features: c.outs[p],
+            bias: bias_d[p].as_ref().map_or(0, |b| ptr(gpu, b)),
+            lora: (host[p].r > 0).then(|| LoraRef {
+                a: ptr(gpu, &a_d) + 2 * a_off[p] as u64,
+                b: ptr(gpu, &b_d) + 2 * b_off[p] as u64,
+                r: host[p].r,
+                scale: host[p].scale,
+                da: ptr(gpu, &da_d) + 4 * da_off[p] as u64,
+                db: ptr(gpu, &db_d) + 4 * db_off[p] as u64,
+            }),
+        })
+        .collect();
+    let g = Group { parts: &parts, in_features: inf, dtype: dt };
+    assert_eq!(g.out_features(), o);
+    assert_eq!(g.lora_rank_sum(), r_sum);
+
+    let (ldx, ldy) = (inf + c.pad, o + c.pad);
+    let x_d = up(gpu, &strided(&x.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, inf, ldx, POISON16));
+    let mut xa_d = s.alloc_zeros::<u16>((rows * r_sum).max(1)).unwrap();
+    poison(s, &mut xa_d).unwrap();
+    // Without adapters xa is not used: pass null to check that it is allowed.
+    let xa_p = if r_sum == 0 { 0 } else { ptr(gpu, &xa_d) };
+    let sb = linear::scratch_bytes(&g, rows);
+    let mut scratch = s.alloc_zeros::<u8>(sb).unwrap();
+    poison(s, &mut scratch).unwrap();
+
+    // ---- forward ----
+    let mut y0: Vec<f32> = if c.beta != 0.0 { (0..rows * o).map(|_| rng.normal() as f32).collect() } else { vec![0.0; rows * o] };
+    if !c.y_f32 {
+        y0.iter_mut().for_each(|v| *v = from_bits(dt, bits(dt, *v)));
+    }
+    let (y_got, y_pad_ok): (Vec<f32>, bool) = if c.y_f32 {
+        let mut y_d = if c.beta != 0.0 { up(gpu, &strided(&y0, rows, o, ldy, poison32())) } else { s.alloc_zeros::<f32>(rows * ldy).unwrap() };
+        if c.beta == 0.0 {
+            poison(s, &mut y_d).unwrap();
+        }
+        unsafe {
+            linear::forward(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &y_d), ldy, Dtype::F32, c.beta, xa_p, ptr(gpu, &scratch), sb, s.cu_stream())
+        }
+        .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+        let v = down(gpu, &y_d);
+        let pad_ok = (0..rows).all(|r| v[r * ldy + o..(r + 1) * ldy].iter().all(|x| x.to_bits() == u32::MAX));
+        ((0..rows).flat_map(|r| v[r * ldy..r * ldy + o].to_vec()).collect(), pad_ok)
+    } else {
+        let mut y_d = up(gpu, &strided(&y0.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, o, ldy, POISON16));
+        if c.beta == 0.0 {
+            poison(s, &mut y_d).unwrap();
+        }
+        unsafe { linear::forward(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &y_d), ldy, dt, c.beta, xa_p, ptr(gpu, &scratch), sb, s.cu_stream()) }
+            .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+        let v = down(gpu, &y_d);
+        let pad_ok = (0..rows).all(|r| v[r * ldy + o..(r + 1) * ldy].iter().all(|&x| x == POISON16));
+        ((0..rows).flat_map(|r| v[r * ldy..r * ldy + o].iter().map(|&b| from_bits(dt, b)).collect::<Vec<_>>()).collect(), pad_ok)
+    };
+    assert!(y_pad_ok, "{what}: forward wrote into y's row padding");
+
+    // Reference forward, part by part.
+    let mut y_ref = y0.clone();
+    let mut xa_ref = vec![0f32; rows * r_sum];
+    let mut xa_parts = Vec::new();
+    let (mut col, mut rc) = (0, 0);
+    for (p, h) in host.iter().enumerate() {
+        let out = c.outs[p];
+        let base = Frozen { w: &h.w, bias: h.bias.as_deref(), in_features: inf, out_features: out };
+        let ad = (h.r > 0).then(|| Adapter { a: &h.a, b: &h.b, r: h.r, scale: h.scale });
+        let mut yp = vec![f32::NAN; rows * out];
+        let xa = lora_linear_forward(&x, &base, ad.as_ref(), &mut yp);
+        for t in 0..rows {
+            for j in 0..out {
+                y_ref[t * o + col + j] += yp[t * out + j];
+            }
+            for k in 0..h.r {
+                xa_ref[t * r_sum + rc + k] = xa[t * h.r + k];
+            }
+        }
+        xa_parts.push(xa);
+        col += out;
+        rc += h.r;
+    }
+    let tol16 = if dt == Dtype::Bf16 { 1e-2 } else { 2e-3 };
+    assert_close(&format!("{what}: y"), &y_got, &y_ref, tol16);
+    if r_sum > 0 {
+        let xa_got: Vec<f32> = down(gpu, &xa_d).iter().map(|&b| from_bits(dt, b)).collect();
+        assert_close(&format!("{what}: xa"), &xa_got, &xa_ref, tol16);
+    }
+
+    // ---- backward ----
+    let lddy = o + c.pad;
+    let lddx = inf + c.pad;
+    let dy_d = up(gpu, &strided(&dy.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, o, lddy, POISON16));
+    let mut dx0: Vec<f32> = if c.dx_beta != 0.0 { (0..rows * inf).map(|_| rng.normal() as f32).collect() } else { vec![0.0; rows * inf] };
+    let mut dx_d = up(gpu, &strided(&dx0, rows, inf, lddx, poison32()));
+    // A 16-bit dx lives in the same bytes' first half: its own buffer.
+    let mut dx16_d = up(gpu, &strided(&dx0.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, inf, lddx, POISON16));
+    if c.dx16 {
+        dx0.iter_mut().for_each(|v| *v = from_bits(dt, bits(dt, *v)));
+    }
+    if c.dx_beta == 0.0 {
+        poison(s, &mut dx_d).unwrap();
+        poison(s, &mut dx16_d).unwrap();
+    }
+    let (dx_ptr, dx_dt) = if c.dx16 { (ptr(gpu, &dx16_d), dt) } else { (ptr(gpu, &dx_d), Dtype::F32) };
+    poison(s, &mut scratch).unwrap();
+    unsafe {
+        linear::backward(
+            blas,
+            &g,
+            rows,
+            ptr(gpu, &x_d),
+            ldx,
+            xa_p,
+            ptr(gpu, &dy_d),
+            lddy,
+            dx_ptr,
+            lddx,
+            dx_dt,
+            c.dx_beta,
+            ptr(gpu, &scratch),
+            sb,
+            s.cu_stream(),
+        )
+    }
+    .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let dx_all: Vec<f32> = if c.dx16 {
+        let v = down(gpu, &dx16_d);
+        assert!((0..rows).all(|r| v[r * lddx + inf..(r + 1) * lddx].iter().all(|&x| x == POISON16)), "{what}: backward wrote into dx's row padding");
+        v.iter().map(|&b| from_bits(dt, b)).collect()
+    } else {
+        let v = down(gpu, &dx_d);
+        assert!((0..rows).all(|r| v[r * lddx + inf..(r + 1) * lddx].iter().all(|x| x.to_bits() == u32::MAX)), "{what}: backward wrote into dx's row padding");
+        v
+    };
+    let dx_got: Vec<f32> = (0..rows).flat_map(|r| dx_all[r * lddx..r * lddx + inf].to_vec()).collect();
+    let (da_got, db_got) = (down(gpu, &da_d), down(gpu, &db_d));
+
+    // Reference backward: dx summed over parts, dA / dB accumulated onto their start values.
+    let mut dx_ref = dx0.clone();
+    let (mut da_ref, mut db_ref) = (da0.clone(), db0.clone());
+    let mut col = 0;
+    for (p, h) in host.iter().enumerate() {
+        let out = c.outs[p];
+        let base = Frozen { w: &h.w, bias: h.bias.as_deref(), in_features: inf, out_features: out };
+        let ad = (h.r > 0).then(|| Adapter { a: &h.a, b: &h.b, r: h.r, scale: h.scale });
+        let dyp: Vec<f32> = (0..rows).flat_map(|t| dy[t * o + col..t * o + col + out].to_vec()).collect();
+        let mut dxp = vec![f32::NAN; rows * inf];
+        let grads = ad.as_ref().map(|_| {
+            let (da, db) = (&mut da_ref[da_off[p]..da_off[p] + h.r * inf], &mut db_ref[db_off[p]..db_off[p] + out * h.r]);
+            AdapterGrads { da, db }
+        });
+        lora_linear_backward(&dyp, &x, &xa_parts[p], &base, ad.as_ref(), Some(&mut dxp), grads);
+        dx_ref.iter_mut().zip(&dxp).for_each(|(a, b)| *a += b);
+        col += out;
+    }
+    // Without an adapter dx is exact inputs with f32 accumulation; with one, g' is rounded.
+    let dx_tol = if r_sum == 0 && !c.dx16 { 1e-5 } else { tol16 };
+    assert_close(&format!("{what}: dx"), &dx_got, &dx_ref, dx_tol);
+    if r_sum > 0 {
+        for &p in &adapted {
+            let h = &host[p];
+            let (a0, n) = (da_off[p], h.r * inf);
+            assert_close(&format!("{what}: dA of part {p}"), &da_got[a0..a0 + n], &da_ref[a0..a0 + n], tol16);
+            assert!(da_got[a0 + n..a0 + n + gap].iter().all(|x| x.is_nan()), "{what}: dA gap after part {p} was written");
+            let (b0, n) = (db_off[p], c.outs[p] * h.r);
+            assert_close(&format!("{what}: dB of part {p}"), &db_got[b0..b0 + n], &db_ref[b0..b0 + n], tol16);
+        }
+    }
+}
+
+fn setup(test: &str) -> Option<(Gpu, Blas, Rng)> {
+    let gpu = gpu_or_skip(test)?;
+    let blas = Blas::on(&gpu, 32 << 20).expect("cuBLAS handle");
+    Some((gpu, blas, Rng::fresh(test)))
+}
+
+#[test]
+fn single_part_without_and_with_lora_and_bias() {
+    let Some((gpu, blas, mut rng)) = setup("single_part_without_and_with_lora_and_bias") else { return };
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        // Plain NF4 linear, odd sizes (numel not a multiple of the block).
+        run_case(&gpu, &blas, &mut rng, &Case::new(dt, 37, 77, &[45]));
+        // With LoRA and bias, one row.
+        let mut c = Case::new(dt, 1, 96, &[80]);
+        c.ranks = vec![Some(8)];
+        c.bias = vec![true];
+        run_case(&gpu, &blas, &mut rng, &c);
+        // 300 rows, odd sizes, LoRA, strided, f32 y accumulated, dx accumulated.
+        let mut c = Case::new(dt, 300, 67, &[131]);
+        c.ranks = vec![Some(16)];
+        c.pad = 5;
+        c.y_f32 = true;
+        c.beta = 1.0;
+        c.dx_beta = 1.0;
+        c.blocksize = 128;
+        run_case(&gpu, &blas, &mut rng, &c);
+    }
+}
+
+#[test]
+fn fused_qkv_groups_with_gqa_sizes() {
+    let Some((gpu, blas, mut rng)) = setup("fused_qkv_groups_with_gqa_sizes") else { return };
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        for rows in [1, 37, 300] {
+            // q|k|v with GQA (q 4 heads, k/v 1 head of 24), LoRA on q and v only, Qwen2 bias.
+            let mut c = Case::new(dt, rows, 96, &[96, 24, 24]);
+            c.ranks = vec![Some(8), None, Some(8)];
+            c.bias = vec![true, true, true];
+            c.pad = 3;
+            run_case(&gpu, &blas, &mut rng, &c);
+            // Bias on some parts only, f32 y overwritten, adapters not contiguous, dx accumulated.
+            let mut c = Case::new(dt, rows, 72, &[72, 40, 40]);
+            c.ranks = vec![Some(4), Some(8), Some(16)];
+            c.bias = vec![false, true, false];
+            c.y_f32 = true;
+            c.contiguous = false;
+            c.dx_beta = 1.0;
+            run_case(&gpu, &blas, &mut rng, &c);
+        }
+    }
+}
+
+#[test]
+fn gate_up_and_down_shapes_contiguous_and_not() {
+    let Some((gpu, blas, mut rng)) = setup("gate_up_and_down_shapes_contiguous_and_not") else { return };
+    for contiguous in [true, false] {
+        // gate|up: two equal parts, different ranks.
+        let mut c = Case::new(Dtype::Bf16, 129, 64, &[176, 176]);
+        c.ranks = vec![Some(16), Some(8)];
+        c.contiguous = contiguous;
+        run_case(&gpu, &blas, &mut rng, &c);
+        // down: one part, f32 residual accumulate, strided.
+        let mut c = Case::new(Dtype::Bf16, 129, 176, &[64]);
+        c.ranks = vec![Some(16)];
+        c.y_f32 = true;
+        c.beta = 1.0;
+        c.pad = 8;
+        c.contiguous = contiguous;
+        run_case(&gpu, &blas, &mut rng, &c);
+        // down as the model runs it: a 16-bit residual accumulated, dx in 16 bits (both
+        // overwritten and accumulated).
+        for dx_beta in [0.0, 1.0] {
+            let mut c = Case::new(Dtype::Bf16, 129, 176, &[64]);
+            c.ranks = vec![Some(16)];
+            c.beta = 1.0;
+            c.dx16 = true;
+            c.dx_beta = dx_beta;
+            c.pad = 3;
+            c.contiguous = contiguous;
+            run_case(&gpu, &blas, &mut rng, &c);
+        }
+    }
+    // No adapters in a fused group: xa may be null.
+    run_case(&gpu, &blas, &mut rng, &Case::new(Dtype::Bf16, 50, 48, &[48, 16, 16]));
+}
+
+#[test]
+fn bad_arguments_are_errors_naming_the_culprit() {
+    let Some((gpu, blas, _)) = setup("bad_arguments_are_errors_naming_the_culprit") else { return };
+    let s = gpu.stream();
+    let (inf, out, rows) = (64usize, 32usize, 4usize);
+    let w: Vec<f32> = (0..out * inf).map(|i| (i as f32 * 0.37).sin()).collect();
+    let q = nf4::quantize("w", &w, &[out, inf], &QuantizeOptions::default()).unwrap();
+    let qd = GpuQuantized::upload(&gpu, "w", &q).unwrap();
+    // Distinct regions of one zeroed buffer for every operand (x, y, xa, scratch, ...).
+    let buf = s.alloc_zeros::<u8>(4 << 20).unwrap();
+    let p = ptr(&gpu, &buf);
+    let (yp, xap, sp) = (p + (1 << 20), p + (2 << 20), p + (3 << 20));
+    let lora = LoraRef { a: p, b: p, r: 4, scale: 2.0, da: p, db: p };
+    let part = Part { weight: Nf4Ref { weight: &qd }, out_features: out, bias: 0, lora: Some(lora) };
+    let parts = [part];
+    let g = Group { parts: &parts, in_features: inf, dtype: Dtype::Bf16 };
+    let sb = linear::scratch_bytes(&g, rows);
+    assert!(sb >= out * inf * 2 + 4 * inf * 2 + rows * 4 * 2);
+    let st = s.cu_stream();
+    let fwd = |g: &Group, rows, ldx, ldy, y_dt, beta, xa, sb| unsafe { linear::forward(&blas, g, rows, p, ldx, yp, ldy, y_dt, beta, xa, sp, sb, st) };
+    let msg = |r: Result<(), fsdp::gpu::GpuError>| r.expect_err("must be an error").to_string();
+    assert!(fwd(&g, rows, inf, out, Dtype::Bf16, 0.0, xap, sb).is_ok());
+    assert!(msg(fwd(&g, 0, inf, out, Dtype::Bf16, 0.0, xap, sb)).contains("rows"));
+    assert!(msg(fwd(&g, rows, inf - 1, out, Dtype::Bf16, 0.0, xap, sb)).contains("ldx"));
+    assert!(msg(fwd(&g, rows, inf, out - 1, Dtype::Bf16, 0.0, xap, sb)).contains("ldy"));
+    assert!(fwd(&g, rows, inf, out, Dtype::Bf16, 1.0, xap, sb).is_ok());
+    assert!(msg(fwd(&g, rows, inf, out, Dtype::Bf16, 0.5, xap, sb)).contains("beta"));
+    assert!(msg(fwd(&g, rows, inf, out, Dtype::F32, 0.5, xap, sb)).contains("beta"));
+    assert!(msg(fwd(&g, rows, inf, out, Dtype::F16, 0.0, xap, sb)).contains("y_dt"));
+    assert!(msg(fwd(&g, rows, inf, out, Dtype::Bf16, 0.0, 0, sb)).contains("xa"));
+    assert!(msg(fwd(&g, rows, inf, out, Dtype::Bf16, 0.0, xap, sb - 1)).contains("scratch"));
+    let g32 = Group { dtype: Dtype::F32, ..g };
+    assert!(msg(fwd(&g32, rows, inf, out, Dtype::F32, 0.0, xap, sb)).contains("bf16 or f16"));
+    let wrong = [Part { out_features: out + 1, ..part }];
+    let e = msg(fwd(&Group { parts: &wrong, ..g }, rows, inf, out + 1, Dtype::Bf16, 0.0, xap, sb * 2));
+    assert!(e.contains("part 0") && e.contains("[32, 64]"), "{e}");
+    let two = [Part { lora: None, ..part }, Part { lora: Some(LoraRef { a: 0, ..lora }), ..part }];
+    let e = msg(fwd(&Group { parts: &two, ..g }, rows, inf, 2 * out, Dtype::Bf16, 0.0, xap, 1 << 20));
+    assert!(e.contains("part 1") && e.contains("`a`"), "{e}");
+    let zero_rank = [Part { lora: Some(LoraRef { r: 0, ..lora }), ..part }];
+    assert!(msg(fwd(&Group { parts: &zero_rank, ..g }, rows, inf, out, Dtype::Bf16, 0.0, xap, sb)).contains("rank"));
+    assert!(msg(fwd(&Group { parts: &[], ..g }, rows, inf, out, Dtype::Bf16, 0.0, xap, sb)).contains("no parts"));
+    // Backward: gradients required.
+    let no_grad = [Part { lora: Some(LoraRef { da: 0, ..lora }), ..part }];
+    let gb = Group { parts: &no_grad, ..g };
+    let e = msg(unsafe { linear::backward(&blas, &gb, rows, p, inf, xap, yp, out, p + (512 << 10), inf, Dtype::F32, 0.0, sp, sb, st) });
+    assert!(e.contains("part 0") && e.contains("da"), "{e}");
+    assert!(msg(unsafe { linear::backward(&blas, &g, rows, p, inf, xap, yp, out, p + (512 << 10), inf - 1, Dtype::F32, 0.0, sp, sb, st) }).contains("lddx"));
+    assert!(msg(unsafe { linear::backward(&blas, &g, rows, p, inf, xap, yp, out, p + (512 << 10), inf, Dtype::F16, 0.0, sp, sb, st) }).contains("dx_dt"));
+    // The handle must be bound to the call's stream.
+    let other = gpu.ctx().new_stream().unwrap();
+    let e = msg(unsafe { linear::forward(&blas, &g, rows, p, inf, yp, out, Dtype::Bf16, 0.0, xap, sp, sb, other.cu_stream()) });
+    assert!(e.contains("stream"), "{e}");
+    s.synchronize().unwrap();
+}
+
+#[test]
+fn kernel_source_compiles_for_sm75_sm80_sm90() {
+    if !cudakit::nvrtc_present() {
+        eprintln!("SKIPPED kernel_source_compiles_for_sm75_sm80_sm90: no NVRTC");
+        return;
+    }
+    for arch in [cudakit::Arch::SM75, cudakit::Arch { major: 8, minor: 0 }, cudakit::Arch { major: 9, minor: 0 }] {
+        cudakit::kernel::compile_ptx(linear::kernel_source(), arch).unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
+    }
+}
