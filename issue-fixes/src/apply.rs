@@ -7,6 +7,10 @@
 //! Safety rules: the checkout must be clean (nothing staged, modified or untracked), and
 //! every patch is first checked against the tree the previous ones produce; if one does
 //! not apply, nothing is written and the error names the patch, file and hunk.
+//!
+//! Every series starts from the release: in a checkout made by [`repo_from_release`] that is
+//! the commit tagged [`RELEASE_TAG`], whatever branch an earlier series left checked out (one
+//! checkout serves every bounty); in any other checkout, HEAD.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -187,22 +191,39 @@ fn check_series<'r>(repo: &'r Repository, mut tree: git2::Tree<'r>, patches: &[P
     Ok(out)
 }
 
-/// Creates `branch` at HEAD, checks every patch, then applies and commits them one by one.
-/// Returns the new commits' ids. On any error the checkout and its branches are as before.
+/// The tag [`repo_from_release`] puts on the release commit.
+pub const RELEASE_TAG: &str = "pypi-release";
+
+/// The commit a series starts from: the release commit tagged [`RELEASE_TAG`] in a checkout
+/// made by [`repo_from_release`], HEAD in any other.
+pub fn base_commit(repo: &Repository) -> Result<git2::Commit<'_>, ApplyError> {
+    match repo.find_reference(&format!("refs/tags/{RELEASE_TAG}")) {
+        Ok(tag) => tag.peel_to_commit().map_err(git(format!("reading tag {RELEASE_TAG}"))),
+        Err(_) => repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD")),
+    }
+}
+
+/// Creates `branch` at the [`base_commit`], checks every patch, then switches to the branch and
+/// applies and commits them one by one. Returns the new commits' ids. On any error in the
+/// check, the checkout and its branches are as before.
 pub fn apply_series(repo_path: &Path, branch: &str, patches: &[Patch], author: &Signature<'_>) -> Result<Vec<git2::Oid>, ApplyError> {
     let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
     ensure_clean(&repo)?;
-    let head = repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
+    let base = base_commit(&repo)?;
 
     // Check the whole series in memory first: each patch against the tree the previous
     // ones produce, so a failure anywhere leaves the checkout untouched.
-    check_series(&repo, head.tree().map_err(git("reading HEAD's tree"))?, patches)?;
+    check_series(&repo, base.tree().map_err(git("reading the base tree"))?, patches)?;
 
-    // All apply: now for real, on the new branch, one commit per patch.
-    let br = repo.branch(branch, &head, false).map_err(git(format!("creating branch {branch}")))?;
+    // All apply: now for real, on the new branch at the base, one commit per patch. The
+    // checkout is clean, so replacing the working tree with the base's loses nothing.
+    let br = repo.branch(branch, &base, false).map_err(git(format!("creating branch {branch}")))?;
     let refname = br.get().name().unwrap_or_default().to_string();
+    let mut co = git2::build::CheckoutBuilder::new();
+    co.force();
+    repo.checkout_tree(base.as_object(), Some(&mut co)).map_err(git("checking out the base"))?;
     repo.set_head(&refname).map_err(git(format!("switching to {branch}")))?;
-    let mut parent = head;
+    let mut parent = base;
     let mut out = vec![];
     for p in patches {
         let diff = Diff::from_buffer(p.diff.as_bytes()).map_err(git(format!("parsing {}", p.path.display())))?;
@@ -287,10 +308,20 @@ pub fn undo_series(repo_path: &Path, branch: &str, previous: &str) -> Result<(),
     Ok(())
 }
 
-/// Makes a git repository from an extracted release (a base commit to patch), unless
-/// `dest` already is one.
+/// Makes a git repository from an extracted release: one commit, tagged [`RELEASE_TAG`], that
+/// every series starts from. Unless `dest` already is one: then only tags its first commit when
+/// an older version of this function left it untagged.
 pub fn repo_from_release(src: &Path, dest: &Path, version: &str) -> Result<(), ApplyError> {
     if dest.join(".git").exists() {
+        let repo = Repository::open(dest).map_err(git(format!("opening {}", dest.display())))?;
+        if repo.find_reference(&format!("refs/tags/{RELEASE_TAG}")).is_err() {
+            let mut walk = repo.revwalk().map_err(git("walking the history"))?;
+            walk.push_head().map_err(git("walking from HEAD"))?;
+            walk.simplify_first_parent().map_err(git("walking the history"))?;
+            let root = walk.last().ok_or_else(|| git("finding the first commit")(git2::Error::from_str("no commits")))?;
+            let root = repo.find_commit(root.map_err(git("walking the history"))?).map_err(git("reading the first commit"))?;
+            repo.tag_lightweight(RELEASE_TAG, root.as_object(), false).map_err(git(format!("tagging {RELEASE_TAG}")))?;
+        }
         return Ok(());
     }
     copy_tree(src, dest)?;
@@ -300,8 +331,11 @@ pub fn repo_from_release(src: &Path, dest: &Path, version: &str) -> Result<(), A
     index.write().map_err(git("writing the index"))?;
     let tree = repo.find_tree(index.write_tree().map_err(git("tree"))?).map_err(git("tree"))?;
     let sig = Signature::now("qlora-kit", "qlora-kit@localhost").map_err(git("signature"))?;
-    repo.commit(Some("HEAD"), &sig, &sig, &format!("unsloth {version} (PyPI wheels, import packages)"), &tree, &[])
+    let id = repo
+        .commit(Some("HEAD"), &sig, &sig, &format!("unsloth {version} (PyPI wheels, import packages)"), &tree, &[])
         .map_err(git("base commit"))?;
+    let commit = repo.find_commit(id).map_err(git("reading the base commit"))?;
+    repo.tag_lightweight(RELEASE_TAG, commit.as_object(), false).map_err(git(format!("tagging {RELEASE_TAG}")))?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The PR text for a bounty's patch series.
 
 use crate::apply::Patch;
-use crate::{Bounty, PINNED};
+use crate::{Bounty, Package, PINNED};
 
 /// Title and body of the draft PR. `verification` is the fix's own evidence (how it was
 /// checked, with numbers), read from `issue-fixes/patches/<slug>/VERIFICATION.md`.
@@ -19,7 +19,9 @@ pub fn pr_text(b: &Bounty, patches: &[Patch], verification: &str) -> (String, St
     let mut body = String::new();
     body += "## Motivation\n\n";
     body += &format!("{}\n\nUpstream today ({PINNED}): {}\n\nStill open: {}\n\n", b.title, b.summary, b.open);
-    let links: Vec<String> = b.issues.iter().map(|i| format!("#{i}")).collect();
+    // The issue numbers are unslothai/unsloth's: qualified in a PR to another repository.
+    let prefix = if b.repo == Package::Unsloth { "" } else { "unslothai/unsloth" };
+    let links: Vec<String> = b.issues.iter().map(|i| format!("{prefix}#{i}")).collect();
     if !links.is_empty() {
         // These upstream issues often bundle several requests: link, do not auto-close.
         body += &format!("Refs {}.\n\n", links.join(", "));
@@ -33,7 +35,7 @@ pub fn pr_text(b: &Bounty, patches: &[Patch], verification: &str) -> (String, St
     }
     body += "\n## How it was verified\n\n";
     body += verification.trim();
-    body += "\n\n## Checklist\n\n- [x] Based on unsloth ";
+    body += &format!("\n\n## Checklist\n\n- [x] Based on {} ", b.repo.pypi());
     body += PINNED;
     body += "\n- [x] ruff-formatted, 100 columns, license headers kept\n- [x] Tests included\n- [ ] Reviewed by a maintainer\n";
     (title, body)

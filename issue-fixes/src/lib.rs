@@ -25,8 +25,10 @@
 //! | [`submit`] | fork, publish (blobs, trees, commits, ref), draft PR; dry run |
 //! | [`token`] | the GitHub token, printed as `***`, scrubbed from every text |
 //!
-//! Not built yet: patch series for the open items (none is written: each needs a GPU
-//! run to verify), and running a fix's verification from `cargo xtask pr`.
+//! Patch series live in `issue-fixes/patches/<slug>/`, each with the GPU run that verified
+//! it (`VERIFICATION.md`; its scripts in `issue-fixes/verify/`). A bounty's [`Bounty::repo`]
+//! says which upstream repository its series goes to. Not built yet: running a fix's
+//! verification from `cargo xtask pr`.
 //!
 //! ```
 //! let open: Vec<_> = issue_fixes::registry().iter().filter(|b| b.status != issue_fixes::Status::Solved).collect();
@@ -62,6 +64,14 @@ impl Package {
         match self {
             Package::Unsloth => "unsloth",
             Package::UnslothZoo => "unsloth_zoo",
+        }
+    }
+
+    /// Its repository under `unslothai/` on GitHub.
+    pub fn github_repo(self) -> &'static str {
+        match self {
+            Package::Unsloth => "unsloth",
+            Package::UnslothZoo => "unsloth-zoo",
         }
     }
 }
@@ -109,6 +119,9 @@ pub struct Bounty {
     pub open: &'static str,
     /// Checks that back the summary.
     pub evidence: &'static [Evidence],
+    /// The repository its patch series goes to (its pull request's base); the issue numbers
+    /// stay `unslothai/unsloth`'s.
+    pub repo: Package,
 }
 
 use Package::{Unsloth, UnslothZoo};
@@ -116,6 +129,7 @@ use Package::{Unsloth, UnslothZoo};
 const REGISTRY: &[Bounty] = &[
     Bounty {
         slug: "tool-calling-example",
+        repo: Unsloth,
         title: "Tool-calling fine-tuning notebook",
         issues: &[1400],
         prs: &[],
@@ -131,6 +145,7 @@ const REGISTRY: &[Bounty] = &[
     },
     Bounty {
         slug: "gguf-vision-export",
+        repo: Unsloth,
         title: "GGUF export of vision models",
         issues: &[1559],
         prs: &[3356],
@@ -146,12 +161,13 @@ const REGISTRY: &[Bounty] = &[
     },
     Bounty {
         slug: "attention-refactor",
+        repo: Unsloth,
         title: "Attention refactor across xformers / SDPA / flash / flex",
         issues: &[4286, 4631],
         prs: &[3566, 6828],
-        status: Status::Solved,
-        summary: "One dispatcher selects the backend; on sm_120 it probes xformers with a real forward instead of disabling it by version (PR #6828 closed #4631), and xformers' FA3 mis-dispatch on Blackwell is guarded.",
-        open: "",
+        status: Status::PartlyOpen,
+        summary: "One dispatcher selects the backend; on sm_120 it probes xformers with a real forward instead of disabling it by version (PR #6828 closed #4631), and xformers' FA3 mis-dispatch (xformers <= 0.0.32.post2) is guarded at sm 10.0, 11.0 and 12.0.",
+        open: "xformers' FA3 mis-dispatch guard misses GPUs above sm_90: it names sm 10.0, 11.0 and 12.0 where xformers' bug covers every capability above 9.0, so B300 (sm_103), Thor on CUDA 12 (sm_101) and GB10 / DGX Spark (sm_121) keep a broken xformers, and at sm_10x nothing probes it before it is selected.",
         evidence: &[
             Evidence {
                 package: Unsloth,
@@ -169,12 +185,19 @@ const REGISTRY: &[Bounty] = &[
                 package: Unsloth,
                 path: "unsloth/models/_utils.py",
                 needle: "def _xformers_fa3_lacks_sm90a",
-                shows: "the guard against xformers <= 0.0.32.post2 running sm_90a kernels on Blackwell",
+                shows: "FA3 turned off on H100 for xformers builds without sm_90a kernels (#3963)",
+            },
+            Evidence {
+                package: Unsloth,
+                path: "unsloth/models/_utils.py",
+                needle: "in (\"10.0\", \"11.0\", \"12.0\")",
+                shows: "the guard against xformers <= 0.0.32.post2 running sm_90a kernels above sm_90 lists three capabilities (what is open)",
             },
         ],
     },
     Bounty {
         slug: "windows",
+        repo: Unsloth,
         title: "Windows support",
         issues: &[1359, 1995],
         prs: &[1841],
@@ -198,6 +221,7 @@ const REGISTRY: &[Bounty] = &[
     },
     Bounty {
         slug: "sequence-classification",
+        repo: Unsloth,
         title: "Sequence classification",
         issues: &[1561],
         prs: &[2263, 2710],
@@ -213,6 +237,7 @@ const REGISTRY: &[Bounty] = &[
     },
     Bounty {
         slug: "vlm-data-collator",
+        repo: UnslothZoo,
         title: "VLM data collator",
         issues: &[1559, 2133],
         prs: &[],
@@ -228,6 +253,7 @@ const REGISTRY: &[Bounty] = &[
     },
     Bounty {
         slug: "vlm-image-resizing",
+        repo: UnslothZoo,
         title: "VLM image resizing",
         issues: &[],
         prs: &[267],
@@ -243,12 +269,13 @@ const REGISTRY: &[Bounty] = &[
     },
     Bounty {
         slug: "flex-attention-dynamic",
+        repo: UnslothZoo,
         title: "Flex attention for dynamic sequence lengths",
         issues: &[1561],
         prs: &[1960, 2162],
         status: Status::Open,
-        summary: "unsloth_zoo caches compiled block masks; the PRs that make flex attention take varying lengths without recompiling (#1960, #2162) are still open.",
-        open: "Flex attention over dynamic lengths (causal, padded, packed) without a recompilation per length, equal to SDPA within bf16 tolerance: needs GPU measurement.",
+        summary: "unsloth_zoo caches compiled block masks; the PRs that make flex attention take varying lengths without recompiling (unslothai/unsloth#1960, unslothai/unsloth#2162) are still open.",
+        open: "Flex attention over dynamic lengths (causal, padded, packed) without recompiling as lengths change, equal to SDPA within bf16 tolerance: the release has no padded or packed (document) mask, and on torch 2.11 compiles flex_attention three times and create_block_mask twice over varying lengths.",
         evidence: &[Evidence {
             package: UnslothZoo,
             path: "unsloth_zoo/flex_attention/utils.py",

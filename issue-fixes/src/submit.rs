@@ -43,6 +43,7 @@ use octocrab::Octocrab;
 use serde_json::{json, Value};
 
 use crate::series::{Change, LocalSeries};
+use crate::Package;
 use crate::token::Token;
 
 /// GitHub's API.
@@ -205,22 +206,28 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-/// Which upstream repository a series belongs to: `unslothai/unsloth-zoo` when every path
-/// is under `unsloth_zoo/` (that repository's package folder), `unslothai/unsloth` when
-/// none is; a mix is [`SubmitError::MixedUpstreams`].
-pub fn upstream_for(series: &LocalSeries) -> Result<Upstream, SubmitError> {
-    let repo = |p: &str| if p.starts_with("unsloth_zoo/") { "unsloth-zoo" } else { "unsloth" };
-    let mut paths = series.base_blobs.keys();
-    let Some(first) = paths.next() else { return Err(SubmitError::Empty { branch: series.branch.clone() }) };
-    if let Some(other) = series.base_blobs.keys().find(|p| repo(p) != repo(first)) {
+/// The upstream repository a series goes to: `target`, the bounty's
+/// ([`crate::Bounty::repo`]). A path under the other repository's package folder
+/// (`unsloth_zoo/` in a series for `unslothai/unsloth`, `unsloth/` in one for
+/// `unslothai/unsloth-zoo`) is [`SubmitError::MixedUpstreams`]; any other path (`tests/`,
+/// `examples/`, both repositories have them) belongs to the target.
+pub fn upstream_for(series: &LocalSeries, target: Package) -> Result<Upstream, SubmitError> {
+    let owner = |p: &str| match p.split('/').next() {
+        Some("unsloth") => Package::Unsloth,
+        Some("unsloth_zoo") => Package::UnslothZoo,
+        _ => target,
+    };
+    let Some(first) = series.base_blobs.keys().next() else { return Err(SubmitError::Empty { branch: series.branch.clone() }) };
+    if let Some(other) = series.base_blobs.keys().find(|p| owner(p) != target) {
+        let mine = series.base_blobs.keys().find(|p| owner(p) == target).unwrap_or(first);
         return Err(SubmitError::MixedUpstreams {
-            a: first.clone(),
-            repo_a: format!("unslothai/{}", repo(first)),
+            a: mine.clone(),
+            repo_a: format!("unslothai/{}", target.github_repo()),
             b: other.clone(),
-            repo_b: format!("unslothai/{}", repo(other)),
+            repo_b: format!("unslothai/{}", owner(other).github_repo()),
         });
     }
-    Ok(Upstream { owner: "unslothai".into(), name: repo(first).into() })
+    Ok(Upstream { owner: "unslothai".into(), name: target.github_repo().into() })
 }
 
 /// Where and how to submit.

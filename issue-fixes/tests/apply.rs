@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use git2::{Repository, Signature};
-use issue_fixes::apply::{apply_series, head_name, read_series, repo_from_release, series_on_branch, undo_series, upstream_version, ApplyError};
+use issue_fixes::apply::{apply_series, base_commit, head_name, read_series, repo_from_release, series_on_branch, undo_series, upstream_version, ApplyError, RELEASE_TAG};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("issue-fixes-apply-{}-{name}", std::process::id()));
@@ -117,6 +117,50 @@ fn a_branch_holding_the_series_is_recognised_and_an_applied_series_can_be_undone
     let repo = Repository::open(&up).unwrap();
     assert!(repo.find_branch("fix/z", git2::BranchType::Local).is_err(), "the branch is gone");
     issue_fixes::apply::ensure_clean(&repo).unwrap();
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn a_second_series_starts_from_the_release_not_from_the_first() {
+    let root = tmp("second");
+    release(&root.join("rel"));
+    let up = root.join("up");
+    repo_from_release(&root.join("rel"), &up, "2026.10.9").unwrap();
+    series(&root.join("a"), &[PATCH_1, PATCH_2]);
+    apply_series(&up, "fix/a", &read_series(&root.join("a")).unwrap(), &sig()).unwrap();
+    // A series that adds its own file, applied while fix/a is checked out.
+    const OTHER: &str = "Add notes\n---\ndiff --git a/unsloth/notes.py b/unsloth/notes.py\nnew file mode 100644\n--- /dev/null\n+++ b/unsloth/notes.py\n@@ -0,0 +1 @@\n+NOTES = 1\n";
+    series(&root.join("b"), &[OTHER]);
+    let ids = apply_series(&up, "fix/b", &read_series(&root.join("b")).unwrap(), &sig()).unwrap();
+    let repo = Repository::open(&up).unwrap();
+    let b = repo.find_commit(ids[0]).unwrap();
+    assert_eq!(b.parent(0).unwrap().summary().ok().flatten(), Some("unsloth 2026.10.9 (PyPI wheels, import packages)"), "fix/b sits on the release");
+    assert!(b.tree().unwrap().get_path(Path::new("unsloth/probe.py")).is_err(), "fix/a's file is not in fix/b");
+    assert!(up.join("unsloth/notes.py").exists() && !up.join("unsloth/probe.py").exists(), "the working tree is fix/b's");
+    assert!(!std::fs::read_to_string(up.join("unsloth/attn.py")).unwrap().contains("probe"));
+    assert_eq!(repo.head().unwrap().shorthand().ok(), Some("fix/b"));
+    issue_fixes::apply::ensure_clean(&repo).unwrap();
+    // Both branches are still recognised by a re-run.
+    assert!(series_on_branch(&up, "fix/a", &read_series(&root.join("a")).unwrap()).unwrap().is_some());
+    assert!(series_on_branch(&up, "fix/b", &read_series(&root.join("b")).unwrap()).unwrap().is_some());
+    let _ = std::fs::remove_dir_all(root);
+}
+
+#[test]
+fn an_untagged_checkout_of_an_older_run_gets_its_release_tagged() {
+    let root = tmp("untagged");
+    release(&root.join("rel"));
+    let up = root.join("up");
+    repo_from_release(&root.join("rel"), &up, "2026.10.9").unwrap();
+    series(&root.join("a"), &[PATCH_1]);
+    apply_series(&up, "fix/a", &read_series(&root.join("a")).unwrap(), &sig()).unwrap();
+    let repo = Repository::open(&up).unwrap();
+    repo.find_reference(&format!("refs/tags/{RELEASE_TAG}")).unwrap().delete().unwrap();
+    // Without the tag the base is HEAD (fix/a), as in a checkout made elsewhere ...
+    assert_eq!(base_commit(&repo).unwrap().summary().ok().flatten(), Some("Probe instead of disabling by capability"));
+    // ... until repo_from_release finds the existing checkout and tags its first commit.
+    repo_from_release(&root.join("rel"), &up, "2026.10.9").unwrap();
+    assert_eq!(base_commit(&repo).unwrap().summary().ok().flatten(), Some("unsloth 2026.10.9 (PyPI wheels, import packages)"));
     let _ = std::fs::remove_dir_all(root);
 }
 

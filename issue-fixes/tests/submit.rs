@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use git2::{Signature, Time};
 use issue_fixes::apply::{apply_series, read_series, repo_from_release};
 use issue_fixes::series::{Change, LocalSeries};
+use issue_fixes::Package;
 use issue_fixes::submit::{dry_run, submit, upstream_for, BranchOutcome, Config, PrText, SubmitError, Submitted, Upstream, API_DEFAULT};
 use issue_fixes::token::Token;
 use mock_github::{closed_port, silent_server, Mock, UPSTREAM};
@@ -79,7 +80,7 @@ fn fixture(name: &str) -> Fixture {
     apply_series(&up, BRANCH, &patches, &author).unwrap();
     let series = LocalSeries::read(&up, BRANCH, patches.len()).unwrap();
     let mock = Mock::start(&root, TOKEN, "octo", &upstream_files());
-    let mut cfg = Config::new(upstream_for(&series).unwrap());
+    let mut cfg = Config::new(upstream_for(&series, Package::Unsloth).unwrap());
     cfg.api = mock.api.clone();
     cfg.connect_timeout = Duration::from_secs(2);
     cfg.io_timeout = Duration::from_secs(5);
@@ -377,15 +378,24 @@ fn dry_run_lists_the_requests_without_token_or_network() {
 }
 
 #[test]
-fn the_upstream_repository_follows_the_paths() {
+fn the_upstream_repository_is_the_bounty_s_and_other_package_folders_are_refused() {
     let f = fixture("zoo");
     let mut zoo = f.series.clone();
-    zoo.base_blobs = [("unsloth_zoo/vision_utils.py".to_string(), None)].into_iter().collect();
-    assert_eq!(upstream_for(&zoo).unwrap().full(), "unslothai/unsloth-zoo");
+    // A series for unsloth-zoo: its package folder and its tests/ go there.
+    zoo.base_blobs = [("unsloth_zoo/vision_utils.py".to_string(), None), ("tests/test_collator.py".to_string(), None)].into_iter().collect();
+    assert_eq!(upstream_for(&zoo, Package::UnslothZoo).unwrap().full(), "unslothai/unsloth-zoo");
+    // The same paths cannot go to unsloth.
+    let e = upstream_for(&zoo, Package::Unsloth).unwrap_err();
+    assert!(matches!(&e, SubmitError::MixedUpstreams { b, .. } if b == "unsloth_zoo/vision_utils.py"), "{e}");
     zoo.base_blobs.insert("unsloth/save.py".into(), None);
-    let e = upstream_for(&zoo).unwrap_err();
-    assert!(matches!(e, SubmitError::MixedUpstreams { .. }), "{e}");
-    assert_eq!(upstream_for(&f.series).unwrap().full(), UPSTREAM);
+    let e = upstream_for(&zoo, Package::UnslothZoo).unwrap_err();
+    assert!(e.to_string().contains("`unsloth/save.py` (unslothai/unsloth)"), "{e}");
+    // Paths outside both package folders follow the bounty.
+    let mut tests_only = f.series.clone();
+    tests_only.base_blobs = [("tests/test_x.py".to_string(), None)].into_iter().collect();
+    assert_eq!(upstream_for(&tests_only, Package::UnslothZoo).unwrap().full(), "unslothai/unsloth-zoo");
+    assert_eq!(upstream_for(&tests_only, Package::Unsloth).unwrap().full(), "unslothai/unsloth");
+    assert_eq!(upstream_for(&f.series, Package::Unsloth).unwrap().full(), UPSTREAM);
 }
 
 #[test]

@@ -99,6 +99,8 @@ struct Applied {
     created: bool,
     /// Where HEAD was before.
     before: String,
+    /// The repository the pull request goes to.
+    target: issue_fixes::Package,
     text: PrText,
 }
 
@@ -159,14 +161,14 @@ fn apply_and_draft(b: &issue_fixes::Bounty, dir: &Path, upstream: Option<PathBuf
         std::fs::copy(&p.path, out.join(p.path.file_name().context("patch name")?))?;
     }
     println!("{}: branch {branch} with {commits} commit(s); PR draft in {}", repo.display(), out.display());
-    Ok(Applied { repo, branch, commits, created, before, text: PrText { title, body } })
+    Ok(Applied { repo, branch, commits, created, before, target: b.repo, text: PrText { title, body } })
 }
 
 /// `--submit`: publishes the branch to the fork and opens the draft PR, or with
 /// `--dry-run` prints the requests that would be made.
 fn publish(a: &Applied, opts: &SlugOptions, token: Option<&Token>) -> Result<()> {
     let series = LocalSeries::read(&a.repo, &a.branch, a.commits)?;
-    let mut cfg = Config::new(upstream_for(&series)?);
+    let mut cfg = Config::new(upstream_for(&series, a.target)?);
     if let Some(base) = &opts.base {
         cfg.base = base.clone();
     }
