@@ -1,0 +1,881 @@
+// Fused causal grouped-query flash attention with document masks: forward and backward.
+//
+// Semantics, layout and launch geometry are documented in attention.rs; this file holds:
+//
+//   tensor-core kernels (sm_80+, mma.sync m16n8k16 + ldmatrix + cp.async):
+//     attn_fwd_tc_<dt>_d<D>_w<NW>_n<BN>  a CTA per (query block of 16*NW rows, head, sequence)
+//     attn_bwd_tc_<dt>_d<D>_m<BM>_w<NW>  a CTA per (key block of 16*NW keys, kv head, sequence)
+//   portable kernels (any arch, scalar f32, a warp per row):
+//     attn_fwd_simple_<dt>_d<D>, attn_bwd_dq_simple_<dt>_d<D>, attn_bwd_dkdv_simple_<dt>_d<D>
+//   shared by both backward paths:
+//     attn_bwd_pre_<dt>_d<D>   D = rowsum(dout * o), lse in log2 units, zeroes the dq accumulator
+//     attn_bwd_cast_<dt>_d<D>  dq = scale * dq_acc, rounded to 16 bits
+//
+// 16-bit values are raw `unsigned short` (no cuda_fp16.h / cuda_bf16.h); arithmetic is f32;
+// rounding to 16 bits is round-to-nearest-even. The tensor-core kernels' bodies exist only
+// when compiling for sm_80 or newer (their names exist everywhere, empty below sm_80), so
+// the module loads on sm_75, where the launcher never picks them.
+//
+// Masking. Query i of a sequence sees key j iff j <= i and (with docs) docs[j] == docs[i];
+// inside a tile that is tested element by element, exactly as the CPU reference does.
+// Skipping whole tiles relies on the documented contract that each document's tokens are
+// contiguous: then a key tile that ends before the first row m0 of a query block is
+// invisible to the whole block iff docs[last key] != docs[m0], and so are all tiles before
+// it (symmetrically for the backward's query tiles after a key block).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define DEV __device__ __forceinline__
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+DEV float neg_inf() { return __int_as_float(0xff800000); }
+
+struct Bf16 {};
+struct F16 {};
+
+template <class T> struct Elem;
+
+template <> struct Elem<Bf16> {
+    static DEV float to_f(u16 x) { return __uint_as_float(((u32)x) << 16); }
+    static DEV u16 from_f(float f) {
+        u32 u = __float_as_uint(f);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // quiet NaN
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return (u16)(u >> 16);
+    }
+    // Two values into one 32-bit register, `lo` in the low half (mma fragment order).
+    static DEV u32 pack(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+        u32 r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+#else
+        return (u32)from_f(lo) | ((u32)from_f(hi) << 16);
+#endif
+    }
+};
+
+template <> struct Elem<F16> {
+    static DEV float to_f(u16 x) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+        return f;
+    }
+    static DEV u16 from_f(float f) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        return h;
+    }
+    static DEV u32 pack(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+        u32 r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+#else
+        return (u32)from_f(lo) | ((u32)from_f(hi) << 16);
+#endif
+    }
+};
+
+template <class T> DEV float lo_f(u32 x) { return Elem<T>::to_f((u16)(x & 0xffffu)); }
+template <class T> DEV float hi_f(u32 x) { return Elem<T>::to_f((u16)(x >> 16)); }
+
+DEV float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward helpers shared by both paths.
+// ---------------------------------------------------------------------------------------
+
+// 8 lanes per (token, head) row: D[h][t] = sum_c dout[t,h,c] * o[t,h,c] (the 16-bit o the
+// forward wrote), lse2[h][t] = lse[t,h] * log2(e), and (zero_dq) dq_acc[t,h,:] = 0.
+template <class T, int D>
+DEV void bwd_pre(const u16* __restrict__ o, i64 ldo, const u16* __restrict__ dout, i64 lddo,
+                 const float* __restrict__ lse, float* __restrict__ ws_lse2, float* __restrict__ ws_d,
+                 float* __restrict__ dq_acc, int tokens, int heads, int zero_dq) {
+    const i64 gt = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 row = gt >> 3;
+    const int sub = (int)(gt & 7);
+    const bool ok = row < (i64)tokens * heads;
+    const i64 t = ok ? row / heads : 0;
+    const int h = ok ? (int)(row % heads) : 0;
+    float acc = 0.f;
+    if (ok) {
+#pragma unroll
+        for (int c = sub * 8; c < D; c += 64) {
+            const uint4 a = *(const uint4*)(o + t * ldo + (i64)h * D + c);
+            const uint4 b = *(const uint4*)(dout + t * lddo + (i64)h * D + c);
+            acc += lo_f<T>(a.x) * lo_f<T>(b.x) + hi_f<T>(a.x) * hi_f<T>(b.x);
+            acc += lo_f<T>(a.y) * lo_f<T>(b.y) + hi_f<T>(a.y) * hi_f<T>(b.y);
+            acc += lo_f<T>(a.z) * lo_f<T>(b.z) + hi_f<T>(a.z) * hi_f<T>(b.z);
+            acc += lo_f<T>(a.w) * lo_f<T>(b.w) + hi_f<T>(a.w) * hi_f<T>(b.w);
+        }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    if (!ok) return;
+    if (sub == 0) {
+        ws_d[(i64)h * tokens + t] = acc;
+        ws_lse2[(i64)h * tokens + t] = lse[t * heads + h] * LOG2E;
+    }
+    if (zero_dq) {
+#pragma unroll
+        for (int c = sub * 8; c < D; c += 64) {
+            float4* p = (float4*)(dq_acc + row * D + c);
+            p[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            p[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+}
+
+// A thread per 8 elements: dq[t, h*D + c] = scale * dq_acc[t, h, c].
+template <class T, int D>
+DEV void bwd_cast(const float* __restrict__ dq_acc, u16* __restrict__ dq, i64 lddq, int tokens, int heads,
+                  float scale) {
+    const i64 gt = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 row = gt / (D / 8);
+    const int c = (int)(gt % (D / 8)) * 8;
+    if (row >= (i64)tokens * heads) return;
+    const i64 t = row / heads;
+    const int h = (int)(row % heads);
+    const float4 a = *(const float4*)(dq_acc + row * D + c);
+    const float4 b = *(const float4*)(dq_acc + row * D + c + 4);
+    uint4 r;
+    r.x = Elem<T>::pack(a.x * scale, a.y * scale);
+    r.y = Elem<T>::pack(a.z * scale, a.w * scale);
+    r.z = Elem<T>::pack(b.x * scale, b.y * scale);
+    r.w = Elem<T>::pack(b.z * scale, b.w * scale);
+    *(uint4*)(dq + t * lddq + (i64)h * D + c) = r;
+}
+
+// ---------------------------------------------------------------------------------------
+// Portable path: a warp per row, lanes split the head dimension, f32 throughout. Correct on
+// every architecture (bf16 emulated on sm_75); O(L^2) reads from L1/L2, no tiling.
+// ---------------------------------------------------------------------------------------
+
+template <class T, int D>
+DEV void fwd_simple(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk,
+                    const u16* __restrict__ v, i64 ldv, const u32* __restrict__ docs, u16* __restrict__ o,
+                    i64 ldo, float* __restrict__ lse, int seqs, int L, int heads, int kvh, float scale) {
+    constexpr int E = D / 32;
+    const int lane = threadIdx.x & 31;
+    const i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (w >= (i64)seqs * L * heads) return;
+    const i64 t = w / heads;
+    const int h = (int)(w % heads);
+    const i64 tok0 = t - t % L;
+    const int i = (int)(t - tok0);
+    const int g = h / (heads / kvh);
+    float qv[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        qv[e] = Elem<T>::to_f(q[t * ldq + (i64)h * D + lane + 32 * e]);
+        acc[e] = 0.f;
+    }
+    const u32 di = docs ? docs[t] : 0u;
+    float m = neg_inf(), l = 0.f;
+    for (int j = 0; j <= i; ++j) {
+        if (docs && docs[tok0 + j] != di) continue;
+        const u16* kr = k + (tok0 + j) * ldk + (i64)g * D;
+        const u16* vr = v + (tok0 + j) * ldv + (i64)g * D;
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) s += qv[e] * Elem<T>::to_f(kr[lane + 32 * e]);
+        s = warp_sum(s) * scale;
+        const float mn = fmaxf(m, s);
+        const float al = expf(m - mn);
+        const float p = expf(s - mn);
+        l = l * al + p;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = acc[e] * al + p * Elem<T>::to_f(vr[lane + 32 * e]);
+        m = mn;
+    }
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int e = 0; e < E; ++e) o[t * ldo + (i64)h * D + lane + 32 * e] = Elem<T>::from_f(acc[e] * inv);
+    if (lane == 0) lse[t * heads + h] = m + logf(l);
+}
+
+template <class T, int D>
+DEV void bwd_dq_simple(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk,
+                       const u16* __restrict__ v, i64 ldv, const u32* __restrict__ docs,
+                       const u16* __restrict__ dout, i64 lddo, const float* __restrict__ lse,
+                       const float* __restrict__ ws_d, u16* __restrict__ dq, i64 lddq, int seqs, int L,
+                       int heads, int kvh, float scale) {
+    constexpr int E = D / 32;
+    const int lane = threadIdx.x & 31;
+    const i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const i64 tokens = (i64)seqs * L;
+    if (w >= tokens * heads) return;
+    const i64 t = w / heads;
+    const int h = (int)(w % heads);
+    const i64 tok0 = t - t % L;
+    const int i = (int)(t - tok0);
+    const int g = h / (heads / kvh);
+    float qv[E], dov[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        qv[e] = Elem<T>::to_f(q[t * ldq + (i64)h * D + lane + 32 * e]);
+        dov[e] = Elem<T>::to_f(dout[t * lddo + (i64)h * D + lane + 32 * e]);
+        acc[e] = 0.f;
+    }
+    const u32 di = docs ? docs[t] : 0u;
+    const float li = lse[t * heads + h];
+    const float dd = ws_d[(i64)h * tokens + t];
+    for (int j = 0; j <= i; ++j) {
+        if (docs && docs[tok0 + j] != di) continue;
+        const u16* kr = k + (tok0 + j) * ldk + (i64)g * D;
+        const u16* vr = v + (tok0 + j) * ldv + (i64)g * D;
+        float kv[E], s = 0.f, dp = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            kv[e] = Elem<T>::to_f(kr[lane + 32 * e]);
+            s += qv[e] * kv[e];
+            dp += dov[e] * Elem<T>::to_f(vr[lane + 32 * e]);
+        }
+        s = warp_sum(s);
+        dp = warp_sum(dp);
+        const float p = expf(s * scale - li);
+        const float ds = p * (dp - dd);
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += ds * kv[e];
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) dq[t * lddq + (i64)h * D + lane + 32 * e] = Elem<T>::from_f(acc[e] * scale);
+}
+
+template <class T, int D>
+DEV void bwd_dkdv_simple(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk,
+                         const u16* __restrict__ v, i64 ldv, const u32* __restrict__ docs,
+                         const u16* __restrict__ dout, i64 lddo, const float* __restrict__ lse,
+                         const float* __restrict__ ws_d, u16* __restrict__ dk, i64 lddk, u16* __restrict__ dv,
+                         i64 lddv, int seqs, int L, int heads, int kvh, float scale) {
+    constexpr int E = D / 32;
+    const int lane = threadIdx.x & 31;
+    const i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const i64 tokens = (i64)seqs * L;
+    if (w >= tokens * kvh) return;
+    const i64 t = w / kvh;
+    const int g = (int)(w % kvh);
+    const i64 tok0 = t - t % L;
+    const int j = (int)(t - tok0);
+    const int group = heads / kvh;
+    float kv[E], vv[E], dka[E], dva[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        kv[e] = Elem<T>::to_f(k[t * ldk + (i64)g * D + lane + 32 * e]);
+        vv[e] = Elem<T>::to_f(v[t * ldv + (i64)g * D + lane + 32 * e]);
+        dka[e] = 0.f;
+        dva[e] = 0.f;
+    }
+    const u32 dj = docs ? docs[t] : 0u;
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = g * group + hh;
+        for (int i = j; i < L; ++i) {
+            const i64 ti = tok0 + i;
+            if (docs && docs[ti] != dj) continue;
+            const u16* qr = q + ti * ldq + (i64)h * D;
+            const u16* dr = dout + ti * lddo + (i64)h * D;
+            float qv[E], dov[E], s = 0.f, dp = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                qv[e] = Elem<T>::to_f(qr[lane + 32 * e]);
+                dov[e] = Elem<T>::to_f(dr[lane + 32 * e]);
+                s += qv[e] * kv[e];
+                dp += dov[e] * vv[e];
+            }
+            s = warp_sum(s);
+            dp = warp_sum(dp);
+            const float p = expf(s * scale - lse[ti * heads + h]);
+            const float ds = p * (dp - ws_d[(i64)h * tokens + ti]);
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                dva[e] += p * dov[e];
+                dka[e] += ds * qv[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        dk[t * lddk + (i64)g * D + lane + 32 * e] = Elem<T>::from_f(dka[e] * scale);
+        dv[t * lddv + (i64)g * D + lane + 32 * e] = Elem<T>::from_f(dva[e]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core path (sm_80+).
+// ---------------------------------------------------------------------------------------
+
+extern __shared__ __align__(128) unsigned char attn_smem[];
+
+#if __CUDA_ARCH__ >= 800
+
+DEV float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+DEV u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+DEV void cp16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+DEV void cp4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+DEV void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> DEV void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+DEV void ldsm4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+DEV void ldsm4t(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+template <class T> DEV void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1);
+template <> DEV void mma<Bf16>(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> DEV void mma<F16>(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+DEV void red2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// Shared-memory tiles are rows of C 16-byte chunks (8 16-bit values each); chunk c of row r
+// is stored at chunk position swz<C>(r, c). The XOR spreads the 8 rows an ldmatrix reads at
+// one logical chunk over all 32 banks.
+template <int C> DEV int swz(int r, int c) {
+    if (C >= 8) return r * C + (c ^ (r & 7));
+    return r * C + (c ^ ((r >> 1) & 3));  // C == 4: two rows per 128-byte line
+}
+
+// cp.async rows [row0, row0 + R) of a [*, ld] 16-bit matrix (row 0 at g) into a swizzled
+// R x (8*C) tile; rows at or past `rows` are zero-filled (nothing is read from them).
+template <int R, int C, int NT>
+DEV void load_tile(u32 s, const u16* g, i64 ld, int row0, int rows, int tid) {
+    static_assert((R * C) % NT == 0, "tile must split evenly over the threads");
+#pragma unroll
+    for (int x = 0; x < R * C / NT; ++x) {
+        const int idx = tid + x * NT;
+        const int r = idx / C, c = idx % C;
+        const bool ok = row0 + r < rows;
+        cp16(s + swz<C>(r, c) * 16, ok ? (const void*)(g + (i64)(row0 + r) * ld + c * 8) : (const void*)g, ok);
+    }
+}
+
+// Forward: a CTA of NW warps owns BM = 16*NW query rows of one (head, sequence), each warp
+// 16 rows; it walks key tiles of BN (64 or 128) from the diagonal down, K/V double-buffered with
+// cp.async. S = Q K^T and O += P V on tensor cores (f32 accumulate), online softmax in
+// registers (log2 domain), P re-packed from the S accumulators as the A operand.
+template <class T, int D, int NW, int BN>
+DEV void fwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk, const u16* __restrict__ v,
+                i64 ldv, const u32* __restrict__ docs, u16* __restrict__ o, i64 ldo, float* __restrict__ lse, int seqs,
+                int L, int heads, int kvh, float scale_log2) {
+    constexpr int BM = 16 * NW, NT = 32 * NW, C = D / 8;
+    u16* sQ = (u16*)attn_smem;
+    u16* sK = sQ + BM * D;
+    u16* sV = sK + 2 * BN * D;
+    u32* sKd = (u32*)(sV + 2 * BN * D);
+    __shared__ int s_lo;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
+    const int nmb = (L + BM - 1) / BM;
+    const int hs_count = heads * seqs;
+    const int mb = nmb - 1 - (int)(blockIdx.x / hs_count);  // heaviest (last) blocks first
+    const int hs = (int)(blockIdx.x % hs_count);
+    const int seq = hs / heads, h = hs % heads, kg = h / (heads / kvh);
+    const int m0 = mb * BM;
+    const i64 tok0 = (i64)seq * L;
+    const u16* qb = q + tok0 * ldq + (i64)h * D;
+    const u16* kb = k + tok0 * ldk + (i64)kg * D;
+    const u16* vb = v + tok0 * ldv + (i64)kg * D;
+    const u32* db = docs ? docs + tok0 : nullptr;
+    const int n_hi = (min(m0 + BM, L) - 1) / BN;
+
+    const u32 sQa = smem_addr(sQ), sKa = smem_addr(sK), sVa = smem_addr(sV);
+    auto load_kv = [&](int n, int buf) {
+        load_tile<BN, C, NT>(sKa + buf * BN * D * 2, kb, ldk, n * BN, L, tid);
+        load_tile<BN, C, NT>(sVa + buf * BN * D * 2, vb, ldv, n * BN, L, tid);
+        if (db) {
+            for (int j = tid; j < BN; j += NT) {
+                const bool ok = n * BN + j < L;
+                cp4(smem_addr(sKd + buf * BN + j), ok ? db + n * BN + j : db, ok);
+            }
+        }
+    };
+    load_tile<BM, C, NT>(sQa, qb, ldq, m0, L, tid);
+    load_kv(n_hi, 0);
+    cp_commit();
+
+    const int r0 = m0 + warp * 16 + gr;  // this thread's rows: r0 and r0 + 8
+    int n_lo = 0;
+    u32 rd0 = 0, rd1 = 0, dlast = 0;
+    if (db) {
+        if (tid == 0) s_lo = 0;
+        __syncthreads();
+        const u32 d0 = db[m0];
+        for (int n = tid; n < n_hi; n += NT) {
+            const int e = n * BN + BN - 1;
+            if (e < m0 && db[e] != d0) atomicMax(&s_lo, n + 1);
+        }
+        rd0 = db[min(r0, L - 1)];
+        rd1 = db[min(r0 + 8, L - 1)];
+        dlast = db[min(m0 + BM, L) - 1];
+        __syncthreads();
+        n_lo = s_lo;
+    }
+
+    cp_wait<0>();
+    __syncthreads();
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int kd = 0; kd < D / 16; ++kd) ldsm4(qf[kd], sQa + swz<C>(warp * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+    float mr0 = neg_inf(), mr1 = neg_inf(), lr0 = 0.f, lr1 = 0.f;
+
+    int buf = 0;
+    for (int n = n_hi; n >= n_lo; --n) {
+        if (n > n_lo) {
+            load_kv(n - 1, buf ^ 1);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+
+        const u32 kbase = sKa + buf * BN * D * 2, vbase = sVa + buf * BN * D * 2;
+        float s[BN / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int kd = 0; kd < D / 16; ++kd) {
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 b[4];
+                ldsm4(b, kbase + swz<C>(np * 16 + ((lane >> 4) << 3) + (lane & 7), 2 * kd + ((lane >> 3) & 1)) * 16);
+                mma<T>(s[2 * np], qf[kd], b[0], b[1]);
+                mma<T>(s[2 * np + 1], qf[kd], b[2], b[3]);
+            }
+        }
+
+        const int n0 = n * BN;
+        const bool need_mask = (n0 + BN - 1 > m0) || (db && sKd[buf * BN] != dlast);
+        if (need_mask) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int jl = nt * 8 + 2 * t4 + (e & 1);
+                    const int r = r0 + ((e >> 1) << 3);
+                    bool vis = n0 + jl <= r;
+                    if (db) vis = vis && sKd[buf * BN + jl] == ((e >> 1) ? rd1 : rd0);
+                    if (!vis) s[nt][e] = neg_inf();
+                }
+            }
+        }
+
+        float rm0 = neg_inf(), rm1 = neg_inf();
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+            rm0 = fmaxf(rm0, fmaxf(s[nt][0], s[nt][1]));
+            rm1 = fmaxf(rm1, fmaxf(s[nt][2], s[nt][3]));
+        }
+        rm0 = fmaxf(rm0, __shfl_xor_sync(0xffffffffu, rm0, 1));
+        rm0 = fmaxf(rm0, __shfl_xor_sync(0xffffffffu, rm0, 2));
+        rm1 = fmaxf(rm1, __shfl_xor_sync(0xffffffffu, rm1, 1));
+        rm1 = fmaxf(rm1, __shfl_xor_sync(0xffffffffu, rm1, 2));
+        const float mn0 = fmaxf(mr0, rm0 * scale_log2), mn1 = fmaxf(mr1, rm1 * scale_log2);
+        const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
+        const float al0 = ex2(mr0 - mu0), al1 = ex2(mr1 - mu1);
+        mr0 = mn0;
+        mr1 = mn1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+            s[nt][0] = ex2(__fmaf_rn(s[nt][0], scale_log2, -mu0));
+            s[nt][1] = ex2(__fmaf_rn(s[nt][1], scale_log2, -mu0));
+            s[nt][2] = ex2(__fmaf_rn(s[nt][2], scale_log2, -mu1));
+            s[nt][3] = ex2(__fmaf_rn(s[nt][3], scale_log2, -mu1));
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        lr0 = __fmaf_rn(lr0, al0, ps0);
+        lr1 = __fmaf_rn(lr1, al1, ps1);
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            acc[dn][0] *= al0;
+            acc[dn][1] *= al0;
+            acc[dn][2] *= al1;
+            acc[dn][3] *= al1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const u32 a[4] = {Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]), Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                              Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 b[4];
+                ldsm4t(b, vbase + swz<C>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)) * 16);
+                mma<T>(acc[2 * dp], a, b[0], b[1]);
+                mma<T>(acc[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+        buf ^= 1;
+    }
+
+    lr0 += __shfl_xor_sync(0xffffffffu, lr0, 1);
+    lr0 += __shfl_xor_sync(0xffffffffu, lr0, 2);
+    lr1 += __shfl_xor_sync(0xffffffffu, lr1, 1);
+    lr1 += __shfl_xor_sync(0xffffffffu, lr1, 2);
+    const float inv0 = 1.f / lr0, inv1 = 1.f / lr1;
+    u16* ob = o + tok0 * ldo + (i64)h * D;
+    if (r0 < L) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *(u32*)(ob + (i64)r0 * ldo + dn * 8 + 2 * t4) = Elem<T>::pack(acc[dn][0] * inv0, acc[dn][1] * inv0);
+        if (t4 == 0) lse[(tok0 + r0) * heads + h] = (mr0 + log2f(lr0)) * LN2;
+    }
+    if (r0 + 8 < L) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *(u32*)(ob + (i64)(r0 + 8) * ldo + dn * 8 + 2 * t4) = Elem<T>::pack(acc[dn][2] * inv1, acc[dn][3] * inv1);
+        if (t4 == 0) lse[(tok0 + r0 + 8) * heads + h] = (mr1 + log2f(lr1)) * LN2;
+    }
+}
+
+// Backward: a CTA of NW warps owns BN = 16*NW keys of one (kv head, sequence), each warp 16
+// keys, with dK, dV in registers; it walks the query tiles (BM rows) that can see those keys,
+// for every query head of the group, Q/dO/lse/D double-buffered with cp.async. Per tile:
+// S^T = K Q^T, dP^T = V dO^T, P = exp2(S*c - lse2), dS = P (dP - D), dV += P^T dO,
+// dK += dS^T Q (A operands re-packed from the accumulators), then dS goes through shared
+// memory for dQ += dS K, added to the f32 accumulator with atomics.
+template <class T, int D, int BM, int NW>
+DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk, const u16* __restrict__ v,
+                i64 ldv, const u32* __restrict__ docs, const u16* __restrict__ dout, i64 lddo,
+                const float* __restrict__ ws_lse2, const float* __restrict__ ws_d, float* __restrict__ dq_acc,
+                u16* __restrict__ dk, i64 lddk, u16* __restrict__ dv, i64 lddv, int seqs, int L, int heads, int kvh,
+                float scale, float scale_log2) {
+    constexpr int BN = 16 * NW, NT = 32 * NW, C = D / 8, CM = BM / 8;
+    constexpr int RB = BM / 16, CP = NW / RB, DC = D / CP;  // dQ: warp -> (row block, column part)
+    static_assert(NW % RB == 0 && DC % 16 == 0, "dQ warp split");
+    u16* sK = (u16*)attn_smem;
+    u16* sV = sK + BN * D;
+    u16* sQ = sV + BN * D;    // [2][BM*D]
+    u16* sO = sQ + 2 * BM * D;  // dO, [2][BM*D]
+    u16* sS = sO + 2 * BM * D;  // dS^T, [BN][BM]
+    float* sL = (float*)(sS + BN * BM);  // [2][BM]
+    float* sD = sL + 2 * BM;             // [2][BM]
+    u32* sQd = (u32*)(sD + 2 * BM);      // [2][BM]
+    __shared__ int s_hi;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
+    const int kh_count = kvh * seqs;
+    const int nb = (int)(blockIdx.x / kh_count);  // heaviest (first) key blocks first
+    const int gs = (int)(blockIdx.x % kh_count);
+    const int seq = gs / kvh, kg = gs % kvh, group = heads / kvh;
+    const i64 tokens = (i64)seqs * L;
+    const int n0 = nb * BN, n1 = min(n0 + BN, L) - 1;
+    const i64 tok0 = (i64)seq * L;
+    const u32* db = docs ? docs + tok0 : nullptr;
+    const u32 sKa = smem_addr(sK), sVa = smem_addr(sV), sQa = smem_addr(sQ), sOa = smem_addr(sO), sSa = smem_addr(sS);
+
+    load_tile<BN, C, NT>(sKa, k + tok0 * ldk + (i64)kg * D, ldk, n0, L, tid);
+    load_tile<BN, C, NT>(sVa, v + tok0 * ldv + (i64)kg * D, ldv, n0, L, tid);
+
+    const int m_first = n0 / BM, nmb = (L + BM - 1) / BM;
+    int m_last = nmb - 1;
+    const int j0 = n0 + warp * 16 + gr;  // this thread's keys: j0 and j0 + 8
+    u32 kd0 = 0, kd1 = 0, kd_first = 0;
+    if (db) {
+        if (tid == 0) s_hi = nmb;
+        __syncthreads();
+        const u32 dn1 = db[n1];
+        for (int m = m_first + 1 + tid; m < nmb; m += NT)
+            if (m * BM > n1 && db[m * BM] != dn1) atomicMin(&s_hi, m);
+        kd0 = db[min(j0, L - 1)];
+        kd1 = db[min(j0 + 8, L - 1)];
+        kd_first = db[n0];
+        __syncthreads();
+        m_last = s_hi - 1;
+    }
+    const int ntiles = m_last - m_first + 1;
+    const int niters = group * ntiles;
+
+    auto load_q = [&](int it, int buf) {
+        const int h = kg * group + it / ntiles;
+        const int m0 = (m_first + it % ntiles) * BM;
+        load_tile<BM, C, NT>(sQa + buf * BM * D * 2, q + tok0 * ldq + (i64)h * D, ldq, m0, L, tid);
+        load_tile<BM, C, NT>(sOa + buf * BM * D * 2, dout + tok0 * lddo + (i64)h * D, lddo, m0, L, tid);
+        for (int i = tid; i < BM; i += NT) {
+            const bool ok = m0 + i < L;
+            const i64 off = (i64)h * tokens + tok0 + m0 + i;
+            cp4(smem_addr(sL + buf * BM + i), ok ? ws_lse2 + off : ws_lse2, ok);
+            cp4(smem_addr(sD + buf * BM + i), ok ? ws_d + off : ws_d, ok);
+            if (db) cp4(smem_addr(sQd + buf * BM + i), ok ? db + m0 + i : db, ok);
+        }
+    };
+    load_q(0, 0);
+    cp_commit();
+
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        dka[dn][0] = dka[dn][1] = dka[dn][2] = dka[dn][3] = 0.f;
+        dva[dn][0] = dva[dn][1] = dva[dn][2] = dva[dn][3] = 0.f;
+    }
+
+    int buf = 0;
+    for (int it = 0; it < niters; ++it) {
+        cp_wait<0>();
+        __syncthreads();  // (A): tile `it` landed; everyone is done with iteration it-1
+        if (it + 1 < niters) {
+            load_q(it + 1, buf ^ 1);
+            cp_commit();
+        }
+        const int h = kg * group + it / ntiles;
+        const int m0 = (m_first + it % ntiles) * BM;
+        const u32 qbase = sQa + buf * BM * D * 2, obase = sOa + buf * BM * D * 2;
+        const float* lb = sL + buf * BM;
+        const float* dbuf = sD + buf * BM;
+        const u32* qd = sQd + buf * BM;
+
+        // S^T = K Q^T and dP^T = V dO^T, 16 keys x BM queries per warp.
+        float st[BM / 8][4], dpt[BM / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+            st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+            dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+        }
+#pragma unroll
+        for (int kd = 0; kd < D / 16; ++kd) {
+            u32 ak[4], av[4];
+            ldsm4(ak, sKa + swz<C>(warp * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
+            ldsm4(av, sVa + swz<C>(warp * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
+#pragma unroll
+            for (int np = 0; np < BM / 16; ++np) {
+                const int row = np * 16 + ((lane >> 4) << 3) + (lane & 7), ch = 2 * kd + ((lane >> 3) & 1);
+                u32 b[4];
+                ldsm4(b, qbase + swz<C>(row, ch) * 16);
+                mma<T>(st[2 * np], ak, b[0], b[1]);
+                mma<T>(st[2 * np + 1], ak, b[2], b[3]);
+                ldsm4(b, obase + swz<C>(row, ch) * 16);
+                mma<T>(dpt[2 * np], av, b[0], b[1]);
+                mma<T>(dpt[2 * np + 1], av, b[2], b[3]);
+            }
+        }
+
+        // P and dS (in place: st <- P, dpt <- dS).
+        const bool need_mask = (m0 < n0 + BN) || (m0 + BM > L) || (db && qd[min(BM, L - m0) - 1] != kd_first);
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int il = nt * 8 + 2 * t4 + (e & 1);
+                float p = ex2(__fmaf_rn(st[nt][e], scale_log2, -lb[il]));
+                if (need_mask) {
+                    const int i = m0 + il, j = j0 + ((e >> 1) << 3);
+                    bool vis = i < L && j <= i;
+                    if (db) vis = vis && qd[il] == ((e >> 1) ? kd1 : kd0);
+                    p = vis ? p : 0.f;
+                }
+                dpt[nt][e] = p * (dpt[nt][e] - dbuf[il]);
+                st[nt][e] = p;
+            }
+        }
+
+        // dV += P^T dO, dK += dS^T Q (k = queries).
+#pragma unroll
+        for (int kq = 0; kq < BM / 16; ++kq) {
+            const u32 ap[4] = {Elem<T>::pack(st[2 * kq][0], st[2 * kq][1]), Elem<T>::pack(st[2 * kq][2], st[2 * kq][3]),
+                               Elem<T>::pack(st[2 * kq + 1][0], st[2 * kq + 1][1]),
+                               Elem<T>::pack(st[2 * kq + 1][2], st[2 * kq + 1][3])};
+            const u32 as[4] = {Elem<T>::pack(dpt[2 * kq][0], dpt[2 * kq][1]),
+                               Elem<T>::pack(dpt[2 * kq][2], dpt[2 * kq][3]),
+                               Elem<T>::pack(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
+                               Elem<T>::pack(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                const int row = kq * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), ch = 2 * dp + (lane >> 4);
+                u32 b[4];
+                ldsm4t(b, obase + swz<C>(row, ch) * 16);
+                mma<T>(dva[2 * dp], ap, b[0], b[1]);
+                mma<T>(dva[2 * dp + 1], ap, b[2], b[3]);
+                ldsm4t(b, qbase + swz<C>(row, ch) * 16);
+                mma<T>(dka[2 * dp], as, b[0], b[1]);
+                mma<T>(dka[2 * dp + 1], as, b[2], b[3]);
+            }
+            // dS^T rows (keys) of this warp into shared memory for dQ.
+            const int kr = warp * 16 + gr;
+            *(u32*)(sS + swz<CM>(kr, 2 * kq) * 8 + 2 * t4) = as[0];
+            *(u32*)(sS + swz<CM>(kr + 8, 2 * kq) * 8 + 2 * t4) = as[1];
+            *(u32*)(sS + swz<CM>(kr, 2 * kq + 1) * 8 + 2 * t4) = as[2];
+            *(u32*)(sS + swz<CM>(kr + 8, 2 * kq + 1) * 8 + 2 * t4) = as[3];
+        }
+        __syncthreads();  // (B): dS^T complete
+
+        // dQ[BM x D] += dS K: warp -> rows rb*16.., columns cpart*DC..
+        {
+            const int rb = warp % RB, cpart = warp / RB;
+            float dqa[DC / 8][4];
+#pragma unroll
+            for (int dn = 0; dn < DC / 8; ++dn) dqa[dn][0] = dqa[dn][1] = dqa[dn][2] = dqa[dn][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[4];
+                ldsm4t(a, sSa + swz<CM>(kk * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * rb + ((lane >> 3) & 1)) * 16);
+#pragma unroll
+                for (int dp = 0; dp < DC / 16; ++dp) {
+                    u32 b[4];
+                    ldsm4t(b, sKa + swz<C>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                           cpart * (DC / 8) + 2 * dp + (lane >> 4)) * 16);
+                    mma<T>(dqa[2 * dp], a, b[0], b[1]);
+                    mma<T>(dqa[2 * dp + 1], a, b[2], b[3]);
+                }
+            }
+            const int i0 = m0 + rb * 16 + gr;
+            float* base = dq_acc + ((tok0 + i0) * heads + h) * D + cpart * DC + 2 * t4;
+            const i64 step8 = (i64)8 * heads * D;
+#pragma unroll
+            for (int dn = 0; dn < DC / 8; ++dn) {
+                if (i0 < L) red2(base + dn * 8, dqa[dn][0], dqa[dn][1]);
+                if (i0 + 8 < L) red2(base + step8 + dn * 8, dqa[dn][2], dqa[dn][3]);
+            }
+        }
+        buf ^= 1;
+    }
+
+    u16* dkb = dk + tok0 * lddk + (i64)kg * D;
+    u16* dvb = dv + tok0 * lddv + (i64)kg * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t4;
+        if (j0 < L) {
+            *(u32*)(dkb + (i64)j0 * lddk + c) = Elem<T>::pack(dka[dn][0] * scale, dka[dn][1] * scale);
+            *(u32*)(dvb + (i64)j0 * lddv + c) = Elem<T>::pack(dva[dn][0], dva[dn][1]);
+        }
+        if (j0 + 8 < L) {
+            *(u32*)(dkb + (i64)(j0 + 8) * lddk + c) = Elem<T>::pack(dka[dn][2] * scale, dka[dn][3] * scale);
+            *(u32*)(dvb + (i64)(j0 + 8) * lddv + c) = Elem<T>::pack(dva[dn][2], dva[dn][3]);
+        }
+    }
+}
+
+#endif  // __CUDA_ARCH__ >= 800
+
+// ---------------------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------------------
+
+#define FWD_ARGS                                                                                                  \
+    const u16 *q, i64 ldq, const u16 *k, i64 ldk, const u16 *v, i64 ldv, const u32 *docs, u16 *o, i64 ldo, float *lse, \
+        int seqs, int L, int heads, int kvh, float scale
+#define FWD_PASS q, ldq, k, ldk, v, ldv, docs, o, ldo, lse, seqs, L, heads, kvh
+
+#if __CUDA_ARCH__ >= 800
+#define TC_BODY(x) x
+#else
+#define TC_BODY(x)
+#endif
+
+#define FWD_TC(dt, T, D, NW, BN)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * NW) attn_fwd_tc_##dt##_d##D##_w##NW##_n##BN(FWD_ARGS) {  \
+        TC_BODY((fwd_tc<T, D, NW, BN>(FWD_PASS, scale * LOG2E)));                                               \
+    }
+
+#define BWD_ARGS                                                                                                   \
+    const u16 *q, i64 ldq, const u16 *k, i64 ldk, const u16 *v, i64 ldv, const u32 *docs, const u16 *dout, i64 lddo, \
+        const float *ws_lse2, const float *ws_d, float *dq_acc, u16 *dk, i64 lddk, u16 *dv, i64 lddv, int seqs, int L, \
+        int heads, int kvh, float scale
+
+#define BWD_TC(dt, T, D, BM, NW)                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW) attn_bwd_tc_##dt##_d##D##_m##BM##_w##NW(BWD_ARGS) {  \
+        TC_BODY((bwd_tc<T, D, BM, NW>(q, ldq, k, ldk, v, ldv, docs, dout, lddo, ws_lse2, ws_d, dq_acc, dk, lddk, dv, \
+                                      lddv, seqs, L, heads, kvh, scale, scale * LOG2E)));                      \
+    }
+
+#define PER_DTYPE_DIM(dt, T, D)                                                                                     \
+    extern "C" __global__ void attn_fwd_simple_##dt##_d##D(FWD_ARGS) { fwd_simple<T, D>(FWD_PASS, scale); }        \
+    extern "C" __global__ void attn_bwd_pre_##dt##_d##D(const u16* o, i64 ldo, const u16* dout, i64 lddo,          \
+                                                        const float* lse, float* ws_lse2, float* ws_d,              \
+                                                        float* dq_acc, int tokens, int heads, int zero_dq) {        \
+        bwd_pre<T, D>(o, ldo, dout, lddo, lse, ws_lse2, ws_d, dq_acc, tokens, heads, zero_dq);                      \
+    }                                                                                                               \
+    extern "C" __global__ void attn_bwd_cast_##dt##_d##D(const float* dq_acc, u16* dq, i64 lddq, int tokens,       \
+                                                         int heads, float scale) {                                 \
+        bwd_cast<T, D>(dq_acc, dq, lddq, tokens, heads, scale);                                                     \
+    }                                                                                                               \
+    extern "C" __global__ void attn_bwd_dq_simple_##dt##_d##D(                                                      \
+        const u16* q, i64 ldq, const u16* k, i64 ldk, const u16* v, i64 ldv, const u32* docs, const u16* dout,      \
+        i64 lddo, const float* lse, const float* ws_d, u16* dq, i64 lddq, int seqs, int L, int heads, int kvh,      \
+        float scale) {                                                                                              \
+        bwd_dq_simple<T, D>(q, ldq, k, ldk, v, ldv, docs, dout, lddo, lse, ws_d, dq, lddq, seqs, L, heads, kvh,     \
+                            scale);                                                                                 \
+    }                                                                                                               \
+    extern "C" __global__ void attn_bwd_dkdv_simple_##dt##_d##D(                                                    \
+        const u16* q, i64 ldq, const u16* k, i64 ldk, const u16* v, i64 ldv, const u32* docs, const u16* dout,      \
+        i64 lddo, const float* lse, const float* ws_d, u16* dk, i64 lddk, u16* dv, i64 lddv, int seqs, int L,       \
+        int heads, int kvh, float scale) {                                                                          \
+        bwd_dkdv_simple<T, D>(q, ldq, k, ldk, v, ldv, docs, dout, lddo, lse, ws_d, dk, lddk, dv, lddv, seqs, L,     \
+                              heads, kvh, scale);                                                                   \
+    }                                                                                                               \
+    FWD_TC(dt, T, D, 4, 64)                                                                                         \
+    FWD_TC(dt, T, D, 8, 64)
+
+PER_DTYPE_DIM(bf16, Bf16, 64)
+PER_DTYPE_DIM(bf16, Bf16, 128)
+PER_DTYPE_DIM(f16, F16, 64)
+PER_DTYPE_DIM(f16, F16, 128)
+
+FWD_TC(bf16, Bf16, 64, 4, 128)
+FWD_TC(bf16, Bf16, 64, 8, 128)
+FWD_TC(f16, F16, 64, 4, 128)
+FWD_TC(f16, F16, 64, 8, 128)
+
+BWD_TC(bf16, Bf16, 64, 64, 4)
+BWD_TC(bf16, Bf16, 64, 64, 8)
+BWD_TC(bf16, Bf16, 128, 32, 4)
+BWD_TC(bf16, Bf16, 128, 32, 8)
+BWD_TC(f16, F16, 64, 64, 4)
+BWD_TC(f16, F16, 64, 64, 8)
+BWD_TC(f16, F16, 128, 32, 4)
+BWD_TC(f16, F16, 128, 32, 8)
