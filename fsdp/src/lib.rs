@@ -1,9 +1,11 @@
 //! # fsdp
 //!
 //! A QLoRA fine-tuning runtime for Llama-family models (`llama`, `mistral`, `qwen2`): a
-//! frozen NF4 base plus LoRA adapters. This is step 1: the **CPU f32 reference** of the
-//! whole training step, and the model / IO plumbing around it. The GPU kernels and FSDP2
-//! sharding come next and are tested against this.
+//! frozen NF4 base plus LoRA adapters. Two implementations of the same training step:
+//! the **CPU f32 reference** ([`model`], [`train`]) and the **GPU runtime** ([`gpu`]: bf16
+//! kernels with hand-written backward, activation checkpointing with optional offload to
+//! pinned host memory), tested against it. The `qlora` command (`qlora train`, `qlora
+//! bench`) drives both. FSDP2 sharding comes next.
 //!
 //! | module | what |
 //! |---|---|
@@ -15,6 +17,8 @@
 //! | [`optim`], [`train`] | AdamW, warm-up + linear/cosine decay, global-norm clipping, gradient accumulation |
 //! | [`batch`] | micro-batches: positions, packed documents, next-token targets |
 //! | [`data`] | JSONL (`input_ids`, or `text` through a `tokenizer.json`) packed into rows with document ids |
+//! | [`gpu`] | the GPU runtime: kernels, flash attention, NF4 + LoRA linear, the training step |
+//! | [`report`] | training metrics (JSONL) and the loss-curve SVG |
 //!
 //! # Design choices
 //!
@@ -35,8 +39,8 @@
 //!   `memlinear::cpu::run` (frozen head: no dW).
 //!
 //! Not implemented yet: LoRA dropout (training refuses a non-zero value; the forward is the
-//! evaluation forward), activation checkpointing, sliding-window attention beyond the
-//! window (refused), rsLoRA/DoRA, the GPU kernels and sharding.
+//! evaluation forward), sliding-window attention beyond the window (refused), rsLoRA/DoRA,
+//! sharding across GPUs.
 //!
 //! Parity with transformers + peft + bitsandbytes (same NF4 bytes, loss, LoRA gradients,
 //! 20 AdamW steps, logits of our adapter loaded into peft) is measured on the GPU machine by

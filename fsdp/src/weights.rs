@@ -183,8 +183,11 @@ impl Linear {
 /// weights `1 + N(0, 0.1^2)`, biases `N(0, 0.1^2)`. Each tensor has its own stream
 /// (seed + name).
 pub fn random_weights(c: &Config, seed: u64) -> Vec<(WeightSpec, Vec<f32>)> {
+    use rayon::prelude::*;
+    // One generator per tensor, seeded by its name: the same values in any order, so the
+    // tensors are drawn in parallel (a 1B-parameter model in seconds, not a minute).
     weight_specs(c)
-        .into_iter()
+        .into_par_iter()
         .map(|s| {
             let mut r = Rng::for_tensor(seed, &s.name);
             let n: usize = s.shape.iter().product();

@@ -94,6 +94,10 @@ pub fn gpu_bundle() -> Result<()> {
         println!("note: no memlinear crate yet: bundle/ has no libmemlinear.so (run.sh memlinear will say so)");
     }
 
+    // fsdp: the `qlora` command (its `bench` is the training benchmark).
+    run(cargo().args(["build", "--release", "-p", "fsdp", "--bins"]))?;
+    copy(&root.join("target/release/qlora"), &b.join("bin/qlora"))?;
+
     // Test executables: `cargo test --no-run` prints their paths as JSON messages.
     let out = cargo()
         .args(["test", "--release", "--workspace", "--no-run", "--message-format=json"])
@@ -110,7 +114,7 @@ pub fn gpu_bundle() -> Result<()> {
             let pkg = v["package_id"].as_str().unwrap_or("");
             // Tests of the crates with GPU code (the CPU-only crates' tests need their own
             // binaries from target/ and run in CI anyway); not the harnesses of bins.
-            let gpu_crate = ["/nf4#", "/cudakit#", "/memlinear#"].iter().any(|c| pkg.contains(c));
+            let gpu_crate = ["/nf4#", "/cudakit#", "/memlinear#", "/fsdp#"].iter().any(|c| pkg.contains(c));
             if !(kind == "test" || kind == "lib" || kind == "rlib") || !gpu_crate {
                 continue;
             }
@@ -137,6 +141,8 @@ pub fn gpu_bundle() -> Result<()> {
     if root.join("memlinear/py").is_dir() {
         copy_py(&root.join("memlinear/py"), &py)?;
     }
+    // Unsloth and HF QLoRA baselines for the fsdp benchmark (`run.sh fsdp-baselines`).
+    crate::fsdp_baselines::bundle(&root, &b)?;
     std::fs::write(b.join("run.sh"), include_str!("run.sh"))?;
     let total = size(&b);
     println!("bundle/: {n_tests} test executables, {:.1} MiB", total as f64 / (1 << 20) as f64);

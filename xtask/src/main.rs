@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod bundle;
+mod fsdp_baselines;
 mod pr;
 mod report;
 mod tlparse_bench;
@@ -33,6 +34,12 @@ Commands:
       every test executable, the Python scripts, a slim bitsandbytes (CUDA 13.0 library
       only) and the Liger / Cut Cross-Entropy Python packages into bundle/ (ignored by
       git, < 64 MiB), with bundle/run.sh to run there. See README.
+      Also the fsdp baselines: Unsloth 2026.10.9 and what it needs beyond the GPU
+      machine's image, zipped (bundle/py/fsdp-baselines-site.zip), and
+      fsdp/py/bench_baselines.py; `bash bundle/run.sh fsdp-baselines` (not part of
+      `all`: about 5 minutes) runs Unsloth without checkpointing, Unsloth with its
+      offloaded checkpointing and HF+peft+bitsandbytes with checkpointing, JSON in
+      $OUT/fsdp/.
 
   pr [--list | --verify-upstream | SLUG [--upstream PATH] [--submit [--dry-run] [--base BRANCH] [--api URL]]]
       The Unsloth bounties (issue-fixes crate). --list (default): each one's status in the

@@ -1,1 +1,1081 @@
-//! (being written)
+//! The decoder's training step on the GPU: the schedule of [`crate::model`] with every op
+//! replaced by its kernel, in bf16 (or f16) with f32 accumulation.
+//!
+//! One layer, forward (`T` tokens, `W = (heads + 2 kv_heads) * head_dim`, `I` intermediate):
+//! ```text
+//! n   = rmsnorm(x)                      kernels::rms_norm_forward        (n: scratch)
+//! qkv = [q|k|v](n)                      linear::forward, one GEMM       (saved, [T, W])
+//! q,k = rope(q, k)                      kernels::rope_forward, in place
+//! o   = attention(q, k, v)              attention::forward              (saved, + lse)
+//! h   = x + o_proj(o)                   copy x -> h, linear::forward with beta 1
+//! n   = rmsnorm(h)
+//! gu  = [gate|up](n)                    one GEMM                        (saved, [T, 2I])
+//! a   = silu(gate) * up                 kernels::swiglu_forward         (a: scratch)
+//! out = h + down(a)                     copy h -> out, beta 1
+//! ```
+//! The residual stream is kept in the compute dtype (as transformers does in bf16
+//! training), so the layer inputs `x` and `h` are what the backward's norms read. The norm
+//! outputs and the SwiGLU product are **recomputed** in the backward rather than saved
+//! (cheap row kernels instead of `3 x T x H + T x I` 16-bit values per layer).
+//!
+//! Backward of one layer, from `dres` (f32, the gradient of the layer's output):
+//! ```text
+//! down:   dy = dres (as 16-bit), a recomputed  -> da (f32 -> 16-bit), dA/dB of down
+//! swiglu: dgate, dup written over gu (in place)
+//! gate|up: n recomputed = rmsnorm(h)           -> dn (f32), dA/dB
+//! norm 2: dres += rmsnorm'(dn)                 (the residual's gradient now d/dh)
+//! o_proj: dy = dres (16-bit)                   -> do (f32 -> 16-bit), dA/dB
+//! attention backward                           -> dq|dk|dv, un-rotated in place
+//! q|k|v:  n recomputed = rmsnorm(x)            -> dn, dA/dB
+//! norm 1: dres += rmsnorm'(dn)                 (now d/dx: the previous layer's output)
+//! ```
+//! The LM head and the loss go through `memlinear`'s GPU driver (`run_raw`, frozen head,
+//! chunked by a memory budget). Loss normalisation, clipping and AdamW follow the CPU
+//! [`crate::train::Trainer`] exactly, so the two can be compared step by step.
+//!
+//! **Activation checkpointing** ([`Checkpointing`]): `Off` keeps every layer's saved
+//! activations; `On` keeps only each layer's input and recomputes the layer's forward
+//! just before its backward (one layer's activations live at a time); `Offload` also moves
+//! the layer inputs to pinned host memory during the forward and prefetches them back
+//! during the backward, on a second stream ordered by events, so the copies overlap
+//! compute.
+//!
+//! Every buffer is allocated once for the largest batch seen and reused; the
+//! [`Memory`] report counts them.
+
+use cudakit::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudakit::Gpu;
+use memlinear::gpu::{balanced_chunk, chunk_for_budget, layout, Needs, RawHead, RawOutputs, RawProblem};
+use memlinear::{losses, Reduction};
+
+use super::{attention, kernels, linear, Dtype, GpuError};
+use crate::batch::{count_targets, Batch, IGNORE_INDEX};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lora::{Lora, LoraConfig};
+use crate::model::Llama;
+use crate::ops::{AttnShape, Rope};
+use crate::optim::AdamWConfig;
+use crate::proj::Proj;
+use crate::train::{MicroBatch, StepReport, TrainConfig};
+
+/// Device bytes of an NF4 tensor: packed payload and (nested) absmax.
+fn nf4_bytes(q: &nf4::Quantized) -> usize {
+    q.state.packed_len()
+        + match &q.state.absmax {
+            nf4::Absmax::Plain(v) => v.len() * 4,
+            nf4::Absmax::Nested { q, absmax2, .. } => q.len() + absmax2.len() * 4 + 256 * 4,
+        }
+}
+
+fn gpu_err(what: &'static str) -> impl Fn(cudakit::cudarc::driver::DriverError) -> Error {
+    move |e| Error::Gpu(GpuError::driver(what)(e))
+}
+
+/// A device address.
+fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+fn addr_mut<T>(s: &mut CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr_mut(stream).0
+}
+
+/// Counts the bytes of every buffer the runtime allocates (the model's weights, adapters,
+/// optimizer state, activations and scratch), so memory can be reported as exactly what
+/// we hold, like `torch.cuda.max_memory_allocated`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Frozen weights: NF4 projections, embedding, norms, biases, LM head.
+    pub weights: usize,
+    /// LoRA master weights, gradients, AdamW moments, 16-bit copies.
+    pub adapters: usize,
+    /// Saved activations of the forward (for the backward).
+    pub activations: usize,
+    /// Scratch of the forward and backward (dequantized weights, recomputed values,
+    /// gradients in flight, the LM head's workspace).
+    pub scratch: usize,
+    /// Pinned host memory holding offloaded layer inputs (not device memory).
+    pub host: usize,
+}
+
+impl Memory {
+    /// All device memory of it.
+    pub fn total(&self) -> usize {
+        self.weights + self.adapters + self.activations + self.scratch
+    }
+}
+
+fn alloc<T: cudakit::cudarc::driver::DeviceRepr + cudakit::cudarc::driver::ValidAsZeroBits>(
+    s: &std::sync::Arc<CudaStream>,
+    n: usize,
+    counter: &mut usize,
+) -> Result<CudaSlice<T>> {
+    *counter += n.max(1) * std::mem::size_of::<T>();
+    s.alloc_zeros::<T>(n.max(1)).map_err(gpu_err("cuMemAlloc"))
+}
+
+/// 16-bit values of `x` in `dt` (round to nearest even), as raw bits.
+fn to_bits(x: &[f32], dt: Dtype) -> Vec<u16> {
+    match dt {
+        Dtype::Bf16 => x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(),
+        _ => x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect(),
+    }
+}
+
+struct GpuLayer {
+    input_norm: CudaSlice<u16>,
+    post_norm: CudaSlice<u16>,
+    /// By [`Proj::index`].
+    proj: Vec<nf4::GpuQuantized>,
+    bias: Vec<Option<CudaSlice<u16>>>,
+}
+
+/// The frozen base model on the GPU: NF4 projections (the same bytes as the CPU model's),
+/// embedding, norms, biases and LM head in the compute dtype.
+pub struct GpuModel {
+    gpu: Gpu,
+    /// The configuration.
+    pub config: Config,
+    /// The compute dtype.
+    pub dtype: Dtype,
+    embed: CudaSlice<u16>,
+    lm_head: Option<CudaSlice<u16>>,
+    norm: CudaSlice<u16>,
+    layers: Vec<GpuLayer>,
+    rope: Rope,
+    weight_bytes: usize,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuModel")
+            .field("device", &self.gpu.info().name)
+            .field("model_type", &self.config.model_type)
+            .field("layers", &self.layers.len())
+            .field("dtype", &self.dtype)
+            .field("weight_bytes", &self.weight_bytes)
+            .finish()
+    }
+}
+
+impl GpuModel {
+    /// Uploads `model` (which must hold NF4 projections: [`crate::BaseFormat::Nf4`]) to
+    /// `gpu`, converting the unquantized tensors to `dtype` (`Bf16`, or `F16` on GPUs
+    /// without bf16).
+    pub fn upload(gpu: &Gpu, model: &Llama, dtype: Dtype) -> Result<GpuModel> {
+        if dtype == Dtype::F32 {
+            return Err(Error::arg("dtype", "the GPU runtime computes in bf16 or f16"));
+        }
+        if dtype == Dtype::Bf16 && gpu.info().arch.major < 8 {
+            return Err(Error::arg("dtype", format!("{} (sm_{}) has no bf16: use f16", gpu.info().name, gpu.info().arch)));
+        }
+        gpu.bind()?;
+        let s = gpu.stream();
+        let mut bytes = 0usize;
+        let mut up16 = |v: &[f32]| -> Result<CudaSlice<u16>> {
+            bytes += v.len() * 2;
+            s.clone_htod(&to_bits(v, dtype)).map_err(gpu_err("cuMemcpyHtoD"))
+        };
+        let embed = up16(&model.embed)?;
+        let lm_head = model.lm_head.as_deref().map(&mut up16).transpose()?;
+        let norm = up16(&model.norm)?;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (l, w) in model.layers.iter().enumerate() {
+            let input_norm = up16(&w.input_norm)?;
+            let post_norm = up16(&w.post_norm)?;
+            let mut proj = Vec::with_capacity(7);
+            let mut bias = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                let lin = &w.proj[p.index()];
+                let name = format!("{}.weight", p.path(l));
+                let q = lin.nf4.as_ref().ok_or_else(|| {
+                    Error::arg("model", format!("`{name}` is not NF4: the GPU runtime needs the model built with BaseFormat::Nf4"))
+                })?;
+                proj.push(nf4::GpuQuantized::upload(gpu, &name, q)?);
+                bias.push(lin.bias.as_deref().map(&mut up16).transpose()?);
+            }
+            layers.push(GpuLayer { input_norm, post_norm, proj, bias });
+        }
+        for w in &model.layers {
+            bytes += w.proj.iter().filter_map(|lin| lin.nf4.as_ref()).map(nf4_bytes).sum::<usize>();
+        }
+        Ok(GpuModel {
+            gpu: gpu.clone(),
+            config: model.config.clone(),
+            dtype,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            rope: model.rope.clone(),
+            weight_bytes: bytes,
+        })
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn attn_shape(&self, b: &Batch) -> AttnShape {
+        let c = &self.config;
+        AttnShape { seqs: b.seqs(), seq_len: b.seq_len, heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim }
+    }
+}
+
+/// The adapters on the device, in five flat buffers of the same layout: f32 master
+/// weights, f32 gradients, the two AdamW moments, and the 16-bit copies the GEMMs read
+/// (refreshed after every optimizer step). Each tensor is a contiguous range (its own
+/// parameter: the FSDP step shards each on dim 0); within a layer the tensors are ordered
+/// by projection group (`q|k|v`, `o`, `gate|up`, `down`), the group's `A`s first, then its
+/// `B`s, so a group's `A` (and `dA`) are one `[sum r, in]` matrix the fused GEMMs use in
+/// place, and the optimizer and the norm are one launch each.
+pub struct GpuLora {
+    /// The adapters' configuration.
+    pub config: LoraConfig,
+    /// The model's configuration (to rebuild host copies).
+    model: Config,
+    /// `layer * 7 + proj`: element offsets of `A` and `B` in the flat buffers.
+    index: Vec<Option<(usize, usize)>>,
+    n: usize,
+    p: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    p16: CudaSlice<u16>,
+    bytes: usize,
+}
+
+impl GpuLora {
+    /// Uploads `lora` (zero gradients and moments).
+    pub fn upload(gpu: &Gpu, model: &Config, lora: &Lora, dtype: Dtype) -> Result<GpuLora> {
+        gpu.bind()?;
+        let s = gpu.stream();
+        let mut index = vec![None; lora.layers() * 7];
+        let mut host: Vec<f32> = Vec::with_capacity(lora.num_params());
+        for layer in 0..lora.layers() {
+            for group in GROUPS {
+                let offs: Vec<(Proj, usize)> = group
+                    .iter()
+                    .filter_map(|&p| {
+                        let pair = lora.get(layer, p)?;
+                        let at = host.len();
+                        host.extend_from_slice(&pair.a);
+                        Some((p, at))
+                    })
+                    .collect();
+                for (p, a_off) in offs {
+                    let pair = lora.get(layer, p).expect("listed above");
+                    index[layer * 7 + p.index()] = Some((a_off, host.len()));
+                    host.extend_from_slice(&pair.b);
+                }
+            }
+        }
+        let n = host.len();
+        let mut bytes = n * 4;
+        let p = s.clone_htod(&host).map_err(gpu_err("cuMemcpyHtoD"))?;
+        let (g, m, v) = (alloc::<f32>(s, n, &mut bytes)?, alloc::<f32>(s, n, &mut bytes)?, alloc::<f32>(s, n, &mut bytes)?);
+        let p16 = alloc::<u16>(s, n, &mut bytes)?;
+        let mut out = GpuLora { config: lora.config.clone(), model: model.clone(), index, n, p, g, m, v, p16, bytes };
+        out.refresh_copies(gpu, dtype)?;
+        Ok(out)
+    }
+
+    /// Rewrites the 16-bit copies from the f32 master weights.
+    fn refresh_copies(&mut self, gpu: &Gpu, dtype: Dtype) -> Result<()> {
+        let s = gpu.stream();
+        let n = self.n;
+        // SAFETY: both buffers hold n elements of the stated dtypes.
+        unsafe { kernels::cast(Dtype::F32, addr(&self.p, s), n, dtype, addr_mut(&mut self.p16, s), n, 1, n, s.cu_stream()) }?;
+        Ok(())
+    }
+
+    fn zero_grads(&mut self, gpu: &Gpu) -> Result<()> {
+        gpu.stream().memset_zeros(&mut self.g).map_err(gpu_err("cuMemsetD8"))
+    }
+
+    fn download_from(&self, gpu: &Gpu, buf: &CudaSlice<f32>) -> Result<Lora> {
+        let s = gpu.stream();
+        let flat = s.clone_dtoh(buf).map_err(gpu_err("cuMemcpyDtoH"))?;
+        s.synchronize().map_err(gpu_err("cuStreamSynchronize"))?;
+        let mut out = Lora::zeros(&self.model, self.config.clone())?;
+        for layer in 0..self.index.len() / 7 {
+            for p in Proj::ALL {
+                if let (Some((a, b)), Some(dst)) = (self.index[layer * 7 + p.index()], out.get_mut(layer, p)) {
+                    let (na, nb) = (dst.a.len(), dst.b.len());
+                    dst.a.copy_from_slice(&flat[a..a + na]);
+                    dst.b.copy_from_slice(&flat[b..b + nb]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The f32 master weights, back on the host.
+    pub fn download(&self, gpu: &Gpu) -> Result<Lora> {
+        self.download_from(gpu, &self.p)
+    }
+
+    /// The accumulated gradients, back on the host (the adapters' layout).
+    pub fn download_grads(&self, gpu: &Gpu) -> Result<Lora> {
+        self.download_from(gpu, &self.g)
+    }
+}
+
+/// Whether and how the forward's activations are kept for the backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every layer's activations stay on the device (fastest, most memory).
+    #[default]
+    Off,
+    /// Only each layer's input stays on the device; the layer's forward is recomputed
+    /// before its backward.
+    On,
+    /// As `On`, with the layer inputs copied to pinned host memory during the forward and
+    /// prefetched back during the backward, on a second stream (overlapped with compute).
+    Offload,
+}
+
+/// What one layer's forward keeps for its backward (its input `x` is held apart: see
+/// [`Checkpointing`]).
+struct Saved {
+    r1: CudaSlice<f32>,
+    /// `q|k|v` after RoPE, `[T, W]`.
+    qkv: CudaSlice<u16>,
+    o: CudaSlice<u16>,
+    lse: CudaSlice<f32>,
+    /// `x + o_proj(o)`, `[T, H]`.
+    h: CudaSlice<u16>,
+    r2: CudaSlice<f32>,
+    /// `gate|up`, `[T, 2I]`.
+    gu: CudaSlice<u16>,
+    /// `x A^T` of each group's adapters.
+    xa: [CudaSlice<u16>; 4],
+}
+
+/// Page-locked host memory (for offloaded layer inputs).
+struct Pinned {
+    ptr: *mut std::ffi::c_void,
+    bytes: usize,
+}
+
+impl Pinned {
+    fn new(bytes: usize) -> Result<Pinned> {
+        // SAFETY: plain allocation; freed in Drop.
+        let ptr = unsafe { cudakit::cudarc::driver::result::malloc_host(bytes.max(1), 0) }.map_err(gpu_err("cuMemHostAlloc"))?;
+        Ok(Pinned { ptr, bytes })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc; every copy into or out of it has been
+        // synchronized before the trainer (its only owner) drops it.
+        unsafe { cudakit::cudarc::driver::result::free_host(self.ptr) }.ok();
+    }
+}
+
+/// The layer inputs `x_0 .. x_L` (`x_L` is the final norm's input). One per trainer, so
+/// the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Inputs {
+    /// All on the device.
+    Device(Vec<CudaSlice<u16>>),
+    /// `x_L` on the device, the others in pinned host memory, staged through a ring of
+    /// three device slots: a slot is rewritten only after its previous copy finished.
+    Offload {
+        host: Vec<Pinned>,
+        ring: [CudaSlice<u16>; 3],
+        last: CudaSlice<u16>,
+        copy: std::sync::Arc<CudaStream>,
+        /// Which layer's input each slot holds, and the event after which it may be
+        /// overwritten / read.
+        holds: [Option<usize>; 3],
+        free: [Option<cudakit::cudarc::driver::CudaEvent>; 3],
+        ready: [Option<cudakit::cudarc::driver::CudaEvent>; 3],
+    },
+}
+
+/// Buffers for batches of up to `tokens` tokens.
+struct Buffers {
+    tokens: usize,
+    mode: Checkpointing,
+    /// One per layer (`Off`), or one reused by every layer.
+    saved: Vec<Saved>,
+    inputs: Inputs,
+    last_rstd: CudaSlice<f32>,
+    /// The final norm's output; also where a recomputed layer's (unused) output goes.
+    hidden: CudaSlice<u16>,
+    dhidden: CudaSlice<u16>,
+    emb32: CudaSlice<f32>,
+    n: CudaSlice<u16>,
+    act: CudaSlice<u16>,
+    /// d(SwiGLU product), `[T, I]`.
+    dact: CudaSlice<u16>,
+    rstd_tmp: CudaSlice<f32>,
+    dres: CudaSlice<f32>,
+    dn: CudaSlice<f32>,
+    dy16: CudaSlice<u16>,
+    do16: CudaSlice<u16>,
+    dqkv: CudaSlice<u16>,
+    linear_scratch: CudaSlice<u8>,
+    attn_ws: CudaSlice<u8>,
+    head_ws: CudaSlice<u8>,
+    head_chunk: usize,
+    ids: CudaSlice<u32>,
+    docs: CudaSlice<u32>,
+    targets: CudaSlice<i64>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    loss: CudaSlice<f32>,
+    norm_acc: CudaSlice<f64>,
+    clip: CudaSlice<f32>,
+    activation_bytes: usize,
+    scratch_bytes: usize,
+    host_bytes: usize,
+}
+
+/// Options of the GPU runtime.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeOptions {
+    /// Bytes the LM head + loss may use for its logits chunks and workspace.
+    pub head_budget: usize,
+    /// Activation checkpointing.
+    pub checkpointing: Checkpointing,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions { head_budget: 512 << 20, checkpointing: Checkpointing::Off }
+    }
+}
+
+/// QLoRA training on one GPU: the model, its adapters, AdamW, and the step's buffers.
+pub struct GpuTrainer {
+    /// The adapters (master weights, gradients, moments).
+    pub lora: GpuLora,
+    /// Hyper-parameters.
+    pub config: TrainConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Options.
+    pub options: RuntimeOptions,
+    blas: cudakit::blas::Blas,
+    bufs: Option<Buffers>,
+}
+
+/// The LoRA references of one projection (16-bit copies and f32 gradients).
+fn lora_ref(lora: &GpuLora, layer: usize, p: Proj, s: &CudaStream) -> Option<linear::LoraRef> {
+    let (a, b) = lora.index[layer * 7 + p.index()]?;
+    let (p16, g) = (addr(&lora.p16, s), addr(&lora.g, s));
+    Some(linear::LoraRef {
+        a: p16 + (a * 2) as u64,
+        b: p16 + (b * 2) as u64,
+        r: lora.config.r,
+        scale: lora.config.scale(),
+        da: g + (a * 4) as u64,
+        db: g + (b * 4) as u64,
+    })
+}
+
+fn part<'a>(m: &'a GpuModel, lora: &GpuLora, layer: usize, p: Proj, s: &CudaStream) -> linear::Part<'a> {
+    let w = &m.layers[layer];
+    linear::Part {
+        weight: linear::Nf4Ref { weight: &w.proj[p.index()] },
+        out_features: p.shape(&m.config).0,
+        bias: w.bias[p.index()].as_ref().map_or(0, |b| addr(b, s)),
+        lora: lora_ref(lora, layer, p, s),
+    }
+}
+
+/// The four projection groups of a layer, in schedule order.
+const GROUPS: [&[Proj]; 4] = [&[Proj::Q, Proj::K, Proj::V], &[Proj::O], &[Proj::Gate, Proj::Up], &[Proj::Down]];
+
+/// Sizes of one step.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    hd: usize,
+    inter: usize,
+    nh: usize,
+    nkv_h: usize,
+    d: usize,
+    nq: usize,
+    nkv: usize,
+    w: usize,
+    eps: f32,
+    dt: Dtype,
+}
+
+impl Dims {
+    fn new(m: &GpuModel, tokens: usize) -> Dims {
+        let c = &m.config;
+        let (nh, nkv_h, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        Dims {
+            t: tokens,
+            hd: c.hidden_size,
+            inter: c.intermediate_size,
+            nh,
+            nkv_h,
+            d,
+            nq: nh * d,
+            nkv: nkv_h * d,
+            w: (nh + 2 * nkv_h) * d,
+            eps: c.rms_norm_eps as f32,
+            dt: m.dtype,
+        }
+    }
+    /// Byte offset of column `c` in a 16-bit row.
+    fn col(c: usize) -> u64 {
+        (c * 2) as u64
+    }
+}
+
+impl GpuTrainer {
+    /// A trainer for `lora` on `model`'s device.
+    pub fn new(model: &GpuModel, lora: &Lora, config: TrainConfig, options: RuntimeOptions) -> Result<GpuTrainer> {
+        if lora.config.dropout != 0.0 {
+            return Err(Error::arg("lora.dropout", format!("{}: LoRA dropout is not implemented yet, train with 0", lora.config.dropout)));
+        }
+        let c = &model.config;
+        if lora.layers() != c.num_hidden_layers || Proj::ALL.iter().any(|&p| lora.shape(p) != p.shape(c)) {
+            return Err(Error::arg("lora", "the adapters were made for a model of another shape"));
+        }
+        let gpu = model.gpu();
+        gpu.bind()?;
+        let blas = cudakit::blas::Blas::on(gpu, 32 << 20)?;
+        let lora = GpuLora::upload(gpu, &model.config, lora, model.dtype)?;
+        Ok(GpuTrainer { lora, config, step: 0, options, blas, bufs: None })
+    }
+
+    /// Bytes held, by kind (after the first step has sized the buffers).
+    pub fn memory(&self, model: &GpuModel) -> Memory {
+        let (activations, scratch, host) = self.bufs.as_ref().map_or((0, 0, 0), |b| (b.activation_bytes, b.scratch_bytes, b.host_bytes));
+        Memory { weights: model.weight_bytes, adapters: self.lora.bytes, activations, scratch, host }
+    }
+
+    fn ensure_buffers(&mut self, m: &GpuModel, tokens: usize) -> Result<()> {
+        let mode = self.options.checkpointing;
+        if self.bufs.as_ref().is_some_and(|b| b.tokens >= tokens && b.mode == mode) {
+            return Ok(());
+        }
+        self.bufs = None; // free the old ones first
+        let c = &m.config;
+        let s = m.gpu().stream();
+        let k = Dims::new(m, tokens);
+        let t = tokens;
+        let r = self.lora.config.r;
+        let rsum = |ps: &[Proj]| ps.iter().filter(|p| self.lora.config.targets(**p)).count() * r;
+        let mut act_bytes = 0usize;
+        let n_saved = if mode == Checkpointing::Off { c.num_hidden_layers } else { 1 };
+        let mut saved = Vec::with_capacity(n_saved);
+        for _ in 0..n_saved {
+            let a = &mut act_bytes;
+            saved.push(Saved {
+                r1: alloc(s, t, a)?,
+                qkv: alloc(s, t * k.w, a)?,
+                o: alloc(s, t * k.nq, a)?,
+                lse: alloc(s, t * k.nh, a)?,
+                h: alloc(s, t * k.hd, a)?,
+                r2: alloc(s, t, a)?,
+                gu: alloc(s, t * 2 * k.inter, a)?,
+                xa: [
+                    alloc(s, t * rsum(GROUPS[0]), a)?,
+                    alloc(s, t * rsum(GROUPS[1]), a)?,
+                    alloc(s, t * rsum(GROUPS[2]), a)?,
+                    alloc(s, t * rsum(GROUPS[3]), a)?,
+                ],
+            });
+        }
+        let mut host_bytes = 0usize;
+        let inputs = match mode {
+            Checkpointing::Off | Checkpointing::On => {
+                Inputs::Device((0..=c.num_hidden_layers).map(|_| alloc(s, t * k.hd, &mut act_bytes)).collect::<Result<_>>()?)
+            }
+            Checkpointing::Offload => {
+                let host = (0..c.num_hidden_layers)
+                    .map(|_| {
+                        host_bytes += t * k.hd * 2;
+                        Pinned::new(t * k.hd * 2)
+                    })
+                    .collect::<Result<_>>()?;
+                let a = &mut act_bytes;
+                Inputs::Offload {
+                    host,
+                    ring: [alloc(s, t * k.hd, a)?, alloc(s, t * k.hd, a)?, alloc(s, t * k.hd, a)?],
+                    last: alloc(s, t * k.hd, a)?,
+                    copy: m.gpu().ctx().new_stream().map_err(gpu_err("cuStreamCreate"))?,
+                    holds: [None; 3],
+                    free: [None, None, None],
+                    ready: [None, None, None],
+                }
+            }
+        };
+        let last_rstd = alloc(s, t, &mut act_bytes)?;
+        let mut sc = 0usize;
+        let x = &mut sc;
+        // The largest group's scratch (dequantized weights + LoRA temporaries).
+        let shape = AttnShape { seqs: 1, seq_len: t, heads: k.nh, kv_heads: k.nkv_h, head_dim: k.d };
+        let mut lin = 0usize;
+        for (gi, ps) in GROUPS.iter().enumerate() {
+            let parts: Vec<_> = ps.iter().map(|&p| part(m, &self.lora, 0, p, s)).collect();
+            let in_f = [k.hd, k.nq, k.hd, k.inter][gi];
+            let g = linear::Group { parts: &parts, in_features: in_f, dtype: m.dtype };
+            lin = lin.max(linear::scratch_bytes(&g, t));
+        }
+        let n_ = Needs { teacher: false, per_token: true, token_params: 0, class_params: 0, dw_acc: false, db_acc: false };
+        let budget = self.options.head_budget;
+        let max_chunk = chunk_for_budget(t, k.hd, c.vocab_size, m.dtype, n_, budget)
+            .ok_or_else(|| Error::arg("head_budget", format!("{budget} bytes cannot hold even one token's logits")))?;
+        let head_chunk = balanced_chunk(max_chunk, t);
+        let head_ws_bytes = layout(t, k.hd, c.vocab_size, m.dtype, head_chunk, n_).total;
+        self.bufs = Some(Buffers {
+            tokens: t,
+            mode,
+            saved,
+            inputs,
+            last_rstd,
+            hidden: alloc(s, t * k.hd, x)?,
+            dhidden: alloc(s, t * k.hd, x)?,
+            emb32: alloc(s, t * k.hd, x)?,
+            n: alloc(s, t * k.hd, x)?,
+            act: alloc(s, t * k.inter, x)?,
+            dact: alloc(s, t * k.inter, x)?,
+            rstd_tmp: alloc(s, t, x)?,
+            dres: alloc(s, t * k.hd, x)?,
+            dn: alloc(s, t * k.hd, x)?,
+            dy16: alloc(s, t * k.hd, x)?,
+            do16: alloc(s, t * k.nq, x)?,
+            dqkv: alloc(s, t * k.w, x)?,
+            linear_scratch: alloc(s, lin, x)?,
+            attn_ws: alloc(s, attention::backward_workspace_bytes(&shape), x)?,
+            head_ws: alloc(s, head_ws_bytes, x)?,
+            head_chunk,
+            ids: alloc(s, t, x)?,
+            docs: alloc(s, t, x)?,
+            targets: alloc(s, t, x)?,
+            cos: alloc(s, t * k.d / 2, x)?,
+            sin: alloc(s, t * k.d / 2, x)?,
+            loss: alloc(s, 1, x)?,
+            norm_acc: alloc(s, 1, x)?,
+            clip: alloc(s, 1, x)?,
+            activation_bytes: act_bytes,
+            scratch_bytes: sc,
+            host_bytes,
+        });
+        Ok(())
+    }
+
+    /// Uploads a micro-batch's ids, documents, targets and RoPE tables.
+    fn upload_batch(&mut self, m: &GpuModel, b: &Batch, targets: &[i64]) -> Result<()> {
+        let s = m.gpu().stream();
+        let bufs = self.bufs.as_mut().expect("buffers sized before upload");
+        let t = b.tokens();
+        let (cos, sin) = m.rope.cos_sin(&b.positions);
+        s.memcpy_htod(&b.ids, &mut bufs.ids.slice_mut(..t)).map_err(gpu_err("cuMemcpyHtoD"))?;
+        if let Some(d) = &b.docs {
+            s.memcpy_htod(d, &mut bufs.docs.slice_mut(..t)).map_err(gpu_err("cuMemcpyHtoD"))?;
+        }
+        s.memcpy_htod(targets, &mut bufs.targets.slice_mut(..t)).map_err(gpu_err("cuMemcpyHtoD"))?;
+        s.memcpy_htod(&cos, &mut bufs.cos.slice_mut(..cos.len())).map_err(gpu_err("cuMemcpyHtoD"))?;
+        s.memcpy_htod(&sin, &mut bufs.sin.slice_mut(..sin.len())).map_err(gpu_err("cuMemcpyHtoD"))?;
+        Ok(())
+    }
+
+    /// Forward, loss and backward of one micro-batch: adds its LoRA gradients (of
+    /// `sum(token losses) / normalizer`) into the gradient buffers (zero after
+    /// [`GpuTrainer::new`] and at the start of every [`GpuTrainer::train_step`]); returns
+    /// its loss.
+    pub fn micro_step(&mut self, m: &GpuModel, b: &Batch, targets: &[i64], normalizer: f64) -> Result<f64> {
+        check_batch(m, b, targets)?;
+        m.gpu().bind()?;
+        self.ensure_buffers(m, b.tokens())?;
+        self.upload_batch(m, b, targets)?;
+        let k = Dims::new(m, b.tokens());
+        let shape = m.attn_shape(b);
+        let s = m.gpu().stream().clone();
+        // SAFETY: every address used below comes from a buffer sized for `b.tokens()`
+        // tokens by `ensure_buffers`, in this device's context; all compute runs on its one
+        // stream, and the offload copies are ordered against it with events.
+        unsafe {
+            let x0 = self.input_for_write(0, &s)?;
+            let bufs = self.bufs.as_mut().expect("sized");
+            let emb = addr_mut(&mut bufs.emb32, &s);
+            kernels::embedding_forward(k.dt, addr(&m.embed, &s), m.config.vocab_size, k.hd, addr(&bufs.ids, &s), k.t, emb, s.cu_stream())?;
+            kernels::cast(Dtype::F32, emb, k.hd, k.dt, x0, k.hd, k.t, k.hd, s.cu_stream())?;
+            let nl = m.config.num_hidden_layers;
+            for l in 0..nl {
+                let x = self.input_for_read(l, &s)?;
+                let out = self.input_for_write(l + 1, &s)?;
+                let slot = if self.options.checkpointing == Checkpointing::Off { l } else { 0 };
+                self.layer_forward(m, &k, &shape, b.docs.is_some(), l, slot, x, out, &s)?;
+                self.offload_input(l, &s)?;
+            }
+            let last = self.input_for_read_unchecked(nl, &s);
+            let bufs = self.bufs.as_mut().expect("sized");
+            let (lr, hidden) = (addr_mut(&mut bufs.last_rstd, &s), addr_mut(&mut bufs.hidden, &s));
+            kernels::rms_norm_forward(k.dt, k.dt, last, k.hd, addr(&m.norm, &s), k.t, k.hd, k.eps, hidden, k.hd, lr, s.cu_stream())?;
+            let loss = self.head(m, b, normalizer)?;
+            let bufs = self.bufs.as_mut().expect("sized");
+            let dres = addr_mut(&mut bufs.dres, &s);
+            kernels::rms_norm_backward(k.dt, k.dt, k.dt, addr(&bufs.dhidden, &s), k.hd, last, k.hd, addr(&m.norm, &s), addr(&bufs.last_rstd, &s), k.t, k.hd, dres, k.hd, false, s.cu_stream())?;
+            for l in (0..nl).rev() {
+                if l > 0 {
+                    self.prefetch_input(l - 1, &s)?;
+                }
+                let x = self.input_for_read(l, &s)?;
+                let slot = if self.options.checkpointing == Checkpointing::Off {
+                    l
+                } else {
+                    // Recompute the layer (its output goes to a scratch nobody reads).
+                    let sink = addr_mut(&mut self.bufs.as_mut().expect("sized").hidden, &s);
+                    self.layer_forward(m, &k, &shape, b.docs.is_some(), l, 0, x, sink, &s)?;
+                    0
+                };
+                self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, &s)?;
+                self.release_input(l, &s)?;
+            }
+            // dres is now the gradient of the frozen embedding's output: nothing to train there.
+            self.finish_offload(&s)?;
+            Ok(loss)
+        }
+    }
+
+    /// The device address of layer input `l` (`l == layers`: the final norm's input) for
+    /// a forward that writes it; in offload mode, waits until its ring slot's previous copy
+    /// to the host has finished.
+    unsafe fn input_for_write(&mut self, l: usize, s: &std::sync::Arc<CudaStream>) -> Result<u64> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        Ok(match &mut bufs.inputs {
+            Inputs::Device(v) => addr_mut(&mut v[l], s),
+            Inputs::Offload { host, ring, last, holds, free, .. } => {
+                if l == host.len() {
+                    addr_mut(last, s)
+                } else {
+                    let slot = l % 3;
+                    if let Some(ev) = free[slot].take() {
+                        s.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
+                    }
+                    holds[slot] = Some(l);
+                    addr_mut(&mut ring[slot], s)
+                }
+            }
+        })
+    }
+
+    /// The device address of layer input `l`, which must be on the device (or on its way
+    /// there: then the compute stream waits for the copy).
+    unsafe fn input_for_read(&mut self, l: usize, s: &std::sync::Arc<CudaStream>) -> Result<u64> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        Ok(match &mut bufs.inputs {
+            Inputs::Device(v) => addr(&v[l], s),
+            Inputs::Offload { host, ring, last, holds, ready, .. } => {
+                if l == host.len() {
+                    return Ok(addr(last, s));
+                }
+                let slot = holds.iter().position(|h| *h == Some(l)).ok_or_else(|| {
+                    Error::arg("offload", format!("internal: layer {l}'s input is neither on the device nor being fetched"))
+                })?;
+                if let Some(ev) = ready[slot].take() {
+                    s.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
+                }
+                addr(&ring[slot], s)
+            }
+        })
+    }
+
+    fn input_for_read_unchecked(&self, l: usize, s: &CudaStream) -> u64 {
+        let bufs = self.bufs.as_ref().expect("sized");
+        match &bufs.inputs {
+            Inputs::Device(v) => addr(&v[l], s),
+            Inputs::Offload { last, .. } => addr(last, s),
+        }
+    }
+
+    /// Offload mode: queues the copy of layer input `l` to the host on the copy stream,
+    /// after the compute stream's work so far (layer `l`'s forward has read it).
+    unsafe fn offload_input(&mut self, l: usize, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        if let Inputs::Offload { host, ring, copy, free, .. } = &mut bufs.inputs {
+            let slot = l % 3;
+            copy.join(s).map_err(gpu_err("cuStreamWaitEvent"))?;
+            let src = addr(&ring[slot], copy);
+            let h = &host[l];
+            cudakit::cudarc::driver::sys::cuMemcpyDtoHAsync_v2(h.ptr, src, h.bytes, copy.cu_stream())
+                .result()
+                .map_err(gpu_err("cuMemcpyDtoHAsync"))?;
+            free[slot] = Some(copy.record_event(None).map_err(gpu_err("cuEventRecord"))?);
+        }
+        Ok(())
+    }
+
+    /// Offload mode: brings layer input `l` back into its ring slot on the copy stream
+    /// (unless the slot still holds it), after the compute stream is done with the slot.
+    unsafe fn prefetch_input(&mut self, l: usize, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        if let Inputs::Offload { host, ring, copy, holds, free, ready, .. } = &mut bufs.inputs {
+            let slot = l % 3;
+            if holds[slot] == Some(l) {
+                return Ok(());
+            }
+            // The slot's last user was the compute stream (a later layer's backward) or a
+            // copy out: wait for both.
+            copy.join(s).map_err(gpu_err("cuStreamWaitEvent"))?;
+            if let Some(ev) = free[slot].take() {
+                copy.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
+            }
+            let dst = addr_mut(&mut ring[slot], copy);
+            let h = &host[l];
+            cudakit::cudarc::driver::sys::cuMemcpyHtoDAsync_v2(dst, h.ptr, h.bytes, copy.cu_stream())
+                .result()
+                .map_err(gpu_err("cuMemcpyHtoDAsync"))?;
+            holds[slot] = Some(l);
+            ready[slot] = Some(copy.record_event(None).map_err(gpu_err("cuEventRecord"))?);
+        }
+        Ok(())
+    }
+
+    /// Offload mode: layer `l`'s backward is queued; its slot may be refilled after it.
+    unsafe fn release_input(&mut self, l: usize, _s: &std::sync::Arc<CudaStream>) -> Result<()> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        if let Inputs::Offload { holds, .. } = &mut bufs.inputs {
+            let slot = l % 3;
+            if holds[slot] == Some(l) {
+                holds[slot] = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Offload mode: the compute stream waits for every copy (so the host buffers and the
+    /// ring are quiet between steps).
+    unsafe fn finish_offload(&mut self, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        if let Inputs::Offload { copy, free, ready, holds, .. } = &mut bufs.inputs {
+            s.join(copy).map_err(gpu_err("cuStreamWaitEvent"))?;
+            *free = [None, None, None];
+            *ready = [None, None, None];
+            *holds = [None; 3];
+        }
+        Ok(())
+    }
+
+    /// One layer's forward from input `x` into output `out` (16-bit `[T, H]`), keeping its
+    /// activations in `saved[slot]`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn layer_forward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, out: u64, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+        let st = s.cu_stream();
+        let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
+        let bufs = self.bufs.as_mut().expect("sized");
+        let (n, act) = (addr_mut(&mut bufs.n, s), addr_mut(&mut bufs.act, s));
+        let (ls, lsb) = (addr_mut(&mut bufs.linear_scratch, s), bufs.linear_scratch.len());
+        let (cos, sin) = (addr(&bufs.cos, s), addr(&bufs.sin, s));
+        let docs = if has_docs { addr(&bufs.docs, s) } else { 0 };
+        let wl = &m.layers[l];
+        let sv = &mut bufs.saved[slot];
+        let (r1, qkv, o, lse) = (addr_mut(&mut sv.r1, s), addr_mut(&mut sv.qkv, s), addr_mut(&mut sv.o, s), addr_mut(&mut sv.lse, s));
+        let (h, r2, gu) = (addr_mut(&mut sv.h, s), addr_mut(&mut sv.r2, s), addr_mut(&mut sv.gu, s));
+        let [xa0, xa1, xa2, xa3] = &mut sv.xa;
+        let xa = [addr_mut(xa0, s), addr_mut(xa1, s), addr_mut(xa2, s), addr_mut(xa3, s)];
+        let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
+        let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
+
+        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, hd, r1, st)?;
+        linear::forward(&self.blas, &group(0, hd), t, n, hd, qkv, w, dt, 0.0, xa[0], ls, lsb, st)?;
+        let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
+        kernels::rope_forward(dt, qkv, w, t, nh, d, cos, sin, st)?;
+        kernels::rope_forward(dt, kk, w, t, nkv_h, d, cos, sin, st)?;
+        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: nq, lse };
+        attention::forward(&fwd, st)?;
+        memcpy_d2d(h, x, t * hd * 2, st)?;
+        linear::forward(&self.blas, &group(1, nq), t, o, nq, h, hd, dt, 1.0, xa[1], ls, lsb, st)?;
+        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, hd, r2, st)?;
+        linear::forward(&self.blas, &group(2, hd), t, n, hd, gu, 2 * inter, dt, 0.0, xa[2], ls, lsb, st)?;
+        kernels::swiglu_forward(dt, gu, 2 * inter, gu + Dims::col(inter), 2 * inter, act, inter, t, inter, st)?;
+        memcpy_d2d(out, h, t * hd * 2, st)?;
+        linear::forward(&self.blas, &group(3, inter), t, act, inter, out, hd, dt, 1.0, xa[3], ls, lsb, st)?;
+        Ok(())
+    }
+
+    /// The LM head + cross-entropy (frozen head) on the final hidden states; writes
+    /// `dhidden` and returns the loss. Synchronizes the stream.
+    unsafe fn head(&mut self, m: &GpuModel, b: &Batch, normalizer: f64) -> Result<f64> {
+        let c = &m.config;
+        let s = m.gpu().stream().clone();
+        let t = b.tokens();
+        let bufs = self.bufs.as_mut().expect("sized");
+        let w = m.lm_head.as_ref().unwrap_or(&m.embed);
+        let p = RawProblem {
+            tokens: t,
+            vocab: c.vocab_size,
+            dtype: m.dtype,
+            student: RawHead { x: addr(&bufs.hidden, &s), w: addr(w, &s), bias: 0, hidden: c.hidden_size },
+            teacher: None,
+            targets: addr(&bufs.targets, &s),
+            ignore_index: IGNORE_INDEX,
+            token_params: vec![],
+            class_params: vec![],
+            grad_tokens: 0,
+        };
+        let o = RawOutputs {
+            loss: addr_mut(&mut bufs.loss, &s),
+            per_token: 0,
+            dx: addr_mut(&mut bufs.dhidden, &s),
+            dw: 0,
+            dw_dtype: Dtype::F32,
+            db: 0,
+            accumulate: false,
+        };
+        let (ws, wsb) = (addr_mut(&mut bufs.head_ws, &s), bufs.head_ws.len());
+        memlinear::gpu::run_raw(head_loss(), &p, Reduction::Mean(Some(normalizer)), &o, bufs.head_chunk.min(t), ws, wsb, s.cu_stream())?;
+        let mut loss = [0f32];
+        s.memcpy_dtoh(&bufs.loss, &mut loss).map_err(gpu_err("cuMemcpyDtoH"))?;
+        s.synchronize().map_err(gpu_err("cuStreamSynchronize"))?;
+        Ok(loss[0] as f64)
+    }
+
+    /// One layer's backward from `dres` (the gradient of its output, f32, updated in place
+    /// to the gradient of its input), with its activations in `saved[slot]` and input `x`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn layer_backward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+        let st = s.cu_stream();
+        let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
+        let bufs = self.bufs.as_mut().expect("sized");
+        let (n, act, dact) = (addr_mut(&mut bufs.n, s), addr_mut(&mut bufs.act, s), addr_mut(&mut bufs.dact, s));
+        let (dres, dn, dy16) = (addr_mut(&mut bufs.dres, s), addr_mut(&mut bufs.dn, s), addr_mut(&mut bufs.dy16, s));
+        let (do16, dqkv) = (addr_mut(&mut bufs.do16, s), addr_mut(&mut bufs.dqkv, s));
+        // A recomputed norm's rstd (equal to the saved one) goes here, not over it.
+        let rstd_tmp = addr_mut(&mut bufs.rstd_tmp, s);
+        let (ls, lsb) = (addr_mut(&mut bufs.linear_scratch, s), bufs.linear_scratch.len());
+        let (aws, awsb) = (addr_mut(&mut bufs.attn_ws, s), bufs.attn_ws.len());
+        let (cos, sin) = (addr(&bufs.cos, s), addr(&bufs.sin, s));
+        let docs = if has_docs { addr(&bufs.docs, s) } else { 0 };
+        let wl = &m.layers[l];
+        let sv = &mut bufs.saved[slot];
+        let (r1, qkv, o, lse) = (addr(&sv.r1, s), addr(&sv.qkv, s), addr(&sv.o, s), addr(&sv.lse, s));
+        let (h, r2, gu) = (addr(&sv.h, s), addr(&sv.r2, s), addr_mut(&mut sv.gu, s));
+        let xa = [addr(&sv.xa[0], s), addr(&sv.xa[1], s), addr(&sv.xa[2], s), addr(&sv.xa[3], s)];
+        let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
+        let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
+
+        // down_proj (its input, the SwiGLU product, recomputed)
+        kernels::cast(Dtype::F32, dres, hd, dt, dy16, hd, t, hd, st)?;
+        let up = gu + Dims::col(inter);
+        kernels::swiglu_forward(dt, gu, 2 * inter, up, 2 * inter, act, inter, t, inter, st)?;
+        linear::backward(&self.blas, &group(3, inter), t, act, inter, xa[3], dy16, hd, dact, inter, dt, 0.0, ls, lsb, st)?;
+        // SwiGLU, in place over gate|up
+        kernels::swiglu_backward(dt, dact, inter, gu, 2 * inter, up, 2 * inter, gu, 2 * inter, up, 2 * inter, t, inter, st)?;
+        // gate|up, post-attention norm (its output recomputed)
+        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, hd, rstd_tmp, st)?;
+        linear::backward(&self.blas, &group(2, hd), t, n, hd, xa[2], gu, 2 * inter, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        kernels::rms_norm_backward(Dtype::F32, dt, dt, dn, hd, h, hd, addr(&wl.post_norm, s), r2, t, hd, dres, hd, true, st)?;
+        // o_proj
+        kernels::cast(Dtype::F32, dres, hd, dt, dy16, hd, t, hd, st)?;
+        linear::backward(&self.blas, &group(1, nq), t, o, nq, xa[1], dy16, hd, do16, nq, dt, 0.0, ls, lsb, st)?;
+        // attention, RoPE
+        let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
+        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: nq, lse };
+        let (dk, dv) = (dqkv + Dims::col(nq), dqkv + Dims::col(nq + nkv));
+        let bwd = attention::AttnBackward { fwd, dout: do16, lddout: nq, dq: dqkv, lddq: w, dk, lddk: w, dv, lddv: w, workspace: aws, workspace_bytes: awsb };
+        attention::backward(&bwd, st)?;
+        kernels::rope_backward(dt, dqkv, w, t, nh, d, cos, sin, st)?;
+        kernels::rope_backward(dt, dk, w, t, nkv_h, d, cos, sin, st)?;
+        // q|k|v, input norm (its output recomputed)
+        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, hd, rstd_tmp, st)?;
+        linear::backward(&self.blas, &group(0, hd), t, n, hd, xa[0], dqkv, w, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        kernels::rms_norm_backward(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, st)?;
+        Ok(())
+    }
+
+    /// Zeroes the gradient buffers (as [`GpuTrainer::train_step`] does at its start).
+    pub fn zero_grads(&mut self, m: &GpuModel) -> Result<()> {
+        m.gpu().bind()?;
+        self.lora.zero_grads(m.gpu())
+    }
+
+    /// One optimizer step over `micro` (gradient accumulation with the global count of
+    /// counted targets as the normalizer, clipping, AdamW), as [`crate::train::Trainer`].
+    pub fn train_step(&mut self, m: &GpuModel, micro: &[MicroBatch]) -> Result<StepReport> {
+        let total: usize = micro.iter().map(|mb| count_targets(&mb.targets)).sum();
+        if total == 0 {
+            return Err(Error::arg("micro", "no micro-batch has a counted target: nothing to learn from"));
+        }
+        let gpu = m.gpu().clone();
+        gpu.bind()?;
+        self.lora.zero_grads(&gpu)?;
+        let mut loss = 0.0;
+        for mb in micro {
+            loss += self.micro_step(m, &mb.batch, &mb.targets, total as f64)?;
+        }
+        let grad_norm = self.optimizer_step(m)?;
+        let lr = self.config.schedule.lr(self.step);
+        let report = StepReport { step: self.step, loss, grad_norm, lr, targets: total };
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// Global norm, clip factor, AdamW on every adapter tensor, 16-bit copies refreshed.
+    /// Returns the norm before clipping.
+    fn optimizer_step(&mut self, m: &GpuModel) -> Result<f64> {
+        let gpu = m.gpu().clone();
+        let s = gpu.stream();
+        let st = s.cu_stream();
+        let bufs = self.bufs.as_mut().expect("a micro-step ran");
+        s.memset_zeros(&mut bufs.norm_acc).map_err(gpu_err("cuMemsetD8"))?;
+        let acc = addr_mut(&mut bufs.norm_acc, s);
+        let clip = addr_mut(&mut bufs.clip, s);
+        let lr = self.config.schedule.lr(self.step);
+        let AdamWConfig { betas: (beta1, beta2), eps, weight_decay } = self.config.adamw;
+        let h = kernels::AdamWStep { lr, beta1, beta2, eps, weight_decay, step: self.step + 1 };
+        let l = &mut self.lora;
+        let n = l.n;
+        // SAFETY: the flat adapter buffers hold n elements each, on this stream.
+        unsafe {
+            kernels::sum_squares(addr(&l.g, s), n, acc, st)?;
+            let scale = match self.config.max_grad_norm {
+                Some(max) => {
+                    kernels::clip_factor(acc, max, clip, st)?;
+                    clip
+                }
+                None => 0,
+            };
+            let (p, g, mm, v) = (addr_mut(&mut l.p, s), addr(&l.g, s), addr_mut(&mut l.m, s), addr_mut(&mut l.v, s));
+            kernels::adamw_step(p, g, mm, v, n, &h, scale, st)?;
+        }
+        let mut sumsq = [0f64];
+        s.memcpy_dtoh(&bufs.norm_acc, &mut sumsq).map_err(gpu_err("cuMemcpyDtoH"))?;
+        self.lora.refresh_copies(&gpu, m.dtype)?;
+        s.synchronize().map_err(gpu_err("cuStreamSynchronize"))?;
+        Ok(sumsq[0].sqrt())
+    }
+}
+
+fn head_loss() -> &'static memlinear::Loss {
+    static L: std::sync::OnceLock<memlinear::Loss> = std::sync::OnceLock::new();
+    L.get_or_init(|| losses::cross_entropy(&Default::default()))
+}
+
+unsafe fn memcpy_d2d(dst: u64, src: u64, bytes: usize, st: cudakit::cudarc::driver::sys::CUstream) -> Result<()> {
+    cudakit::cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, st).map_err(gpu_err("cuMemcpyDtoDAsync"))
+}
+
+fn check_batch(m: &GpuModel, b: &Batch, targets: &[i64]) -> Result<()> {
+    b.validate()?;
+    let v = m.config.vocab_size;
+    if let Some(i) = b.ids.iter().position(|&id| id as usize >= v) {
+        return Err(Error::arg("ids", format!("ids[{i}] = {} is outside the vocabulary [0, {v})", b.ids[i])));
+    }
+    if targets.len() != b.tokens() {
+        return Err(Error::arg("targets", format!("{} targets for {} tokens", targets.len(), b.tokens())));
+    }
+    if let Some(i) = targets.iter().position(|&t| t != IGNORE_INDEX && (t < 0 || t as usize >= v)) {
+        return Err(Error::arg("targets", format!("targets[{i}] = {} is outside the vocabulary [0, {v})", targets[i])));
+    }
+    if let Some(w) = m.config.sliding_window {
+        if b.seq_len > w {
+            return Err(Error::arg("seq_len", format!("{} exceeds the model's sliding window ({w})", b.seq_len)));
+        }
+    }
+    Ok(())
+}
+

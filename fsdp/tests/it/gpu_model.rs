@@ -1,0 +1,166 @@
+//! The GPU training step against the CPU f32 reference: loss, every LoRA gradient, and a
+//! few AdamW steps, on tiny models whose head width the attention kernel supports (64),
+//! with odd sequence lengths and packed documents. Skips without a GPU (fails with
+//! `REQUIRE_GPU=1`).
+
+use cudakit::testing::gpu_or_skip;
+use fsdp::gpu::model::{Checkpointing, GpuModel, GpuTrainer, RuntimeOptions};
+use fsdp::gpu::Dtype;
+use fsdp::optim::{AdamWConfig, Schedule};
+use fsdp::rng::Rng;
+use fsdp::train::{MicroBatch, TrainConfig, Trainer};
+use fsdp::{BaseFormat, Llama, Lora, LoraConfig, Proj};
+
+use super::common::{batch, config, lora_nonzero};
+
+/// Llama: untied head, GQA 4/2 heads of 64, Llama 3 RoPE scaling.
+const GPU_LLAMA: &str = r#"{"model_type":"llama","hidden_size":256,"intermediate_size":320,"num_hidden_layers":2,
+  "num_attention_heads":4,"num_key_value_heads":2,"head_dim":64,"vocab_size":301,"rms_norm_eps":1e-5,"rope_theta":10000.0,
+  "rope_scaling":{"rope_type":"llama3","factor":4.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64},
+  "tie_word_embeddings":false}"#;
+
+/// Qwen2: q/k/v biases, tied embeddings, 2/1 heads of 64.
+const GPU_QWEN2: &str = r#"{"model_type":"qwen2","hidden_size":128,"intermediate_size":192,"num_hidden_layers":2,
+  "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":203,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+  "tie_word_embeddings":true}"#;
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn train_config() -> TrainConfig {
+    TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(2e-3), max_grad_norm: Some(1.0) }
+}
+
+/// One micro-step's loss and gradients on the GPU vs the CPU, then 5 optimizer steps.
+fn check(json: &str, dtype: Dtype, seqs: usize, len: usize, targets: &[Proj]) {
+    let Some(gpu) = gpu_or_skip("gpu_model") else { return };
+    if dtype == Dtype::Bf16 && gpu.info().arch.major < 8 {
+        eprintln!("SKIPPED bf16 on sm_{}", gpu.info().arch);
+        return;
+    }
+    let c = config(json);
+    let seed = nf4::testing::Rng::fresh("gpu_model").next_u64();
+    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
+    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0).with_targets(targets), seed);
+    let mut r = Rng::new(seed ^ 7);
+    let b = batch(&mut r, c.vocab_size, seqs, len);
+    let micro = [MicroBatch::next_token(b)];
+
+    // Gradients of one step (before any update).
+    let mut cpu = Trainer::new(lora.clone(), train_config()).unwrap();
+    let (cpu_loss, _) = cpu.accumulate(&model, &micro).unwrap();
+    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let mut g = GpuTrainer::new(&gm, &lora, train_config(), RuntimeOptions::default()).unwrap();
+    let n = fsdp::count_targets(&micro[0].targets) as f64;
+    let gpu_loss = g.micro_step(&gm, &micro[0].batch, &micro[0].targets, n).unwrap();
+    let what = format!("{} {} seqs={seqs} len={len} seed={seed:#x}", c.model_type.name(), dtype.name());
+    let loss_err = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+    eprintln!("{what}: loss gpu {gpu_loss:.6} cpu {cpu_loss:.6} rel {loss_err:.2e}");
+    assert!(loss_err < 1e-2, "{what}: loss {gpu_loss} vs {cpu_loss}");
+    let grads = g.lora.download_grads(gm.gpu()).unwrap();
+    let mut worst: f64 = 0.0;
+    for ((name, _, got), (_, _, want)) in grads.named_tensors().into_iter().zip(cpu.grads.named_tensors()) {
+        assert!(got.iter().all(|x| x.is_finite()), "{what}: {name} has non-finite gradients");
+        let e = rel_l2(got, want);
+        worst = worst.max(e);
+        assert!(e < 6e-2, "{what}: gradient {name}: relative L2 error {e:.3e}");
+    }
+    eprintln!("{what}: worst LoRA gradient relative L2 error {worst:.2e}");
+
+    // Five optimizer steps from the same start: per-step losses agree.
+    let mut cpu = Trainer::new(lora.clone(), train_config()).unwrap();
+    let mut g = GpuTrainer::new(&gm, &lora, train_config(), RuntimeOptions::default()).unwrap();
+    for step in 0..5 {
+        let want = cpu.train_step(&model, &micro).unwrap();
+        let got = g.train_step(&gm, &micro).unwrap();
+        let e = (got.loss - want.loss).abs() / want.loss.abs();
+        eprintln!("{what}: step {step}: loss gpu {:.6} cpu {:.6} rel {e:.2e}; grad norm {:.4} vs {:.4}", got.loss, want.loss, got.grad_norm, want.grad_norm);
+        assert!(e < 2e-2, "{what}: step {step}: loss {} vs {}", got.loss, want.loss);
+        assert!((got.grad_norm - want.grad_norm).abs() / want.grad_norm < 5e-2, "{what}: step {step}: grad norm");
+    }
+    let trained = g.lora.download(gm.gpu()).unwrap();
+    let moved = rel_l2(trained.tensors()[0], lora.tensors()[0]);
+    assert!(moved > 1e-4, "{what}: the adapters did not move");
+    let agree = rel_l2(trained.tensors()[0], cpu.lora.tensors()[0]);
+    assert!(agree < 5e-2 * moved.max(1e-3) / 1e-3, "{what}: trained adapters diverge from the CPU's ({agree:.2e})");
+}
+
+#[test]
+fn llama_bf16_packed_odd_lengths() {
+    check(GPU_LLAMA, Dtype::Bf16, 2, 37, &Proj::ALL);
+}
+
+#[test]
+fn llama_f16_one_long_sequence_some_targets() {
+    check(GPU_LLAMA, Dtype::F16, 1, 200, &[Proj::Q, Proj::V, Proj::Down]);
+}
+
+#[test]
+fn qwen2_bias_tied_bf16() {
+    check(GPU_QWEN2, Dtype::Bf16, 3, 65, &Proj::ALL);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let Some(gpu) = gpu_or_skip("gpu_model_bad_inputs") else { return };
+    let c = config(GPU_QWEN2);
+    let model = Llama::random(c.clone(), 1, &BaseFormat::default()).unwrap();
+    assert!(GpuModel::upload(&gpu, &model, Dtype::F32).unwrap_err().to_string().contains("bf16 or f16"));
+    let f32_model = Llama::random(c.clone(), 1, &BaseFormat::F32).unwrap();
+    let e = GpuModel::upload(&gpu, &f32_model, Dtype::F16).err().unwrap().to_string();
+    assert!(e.contains("is not NF4"), "{e}");
+    let gm = GpuModel::upload(&gpu, &model, Dtype::F16).unwrap();
+    let lora = Lora::init(&c, LoraConfig::new(4, 8.0), 0).unwrap();
+    let mut g = GpuTrainer::new(&gm, &lora, train_config(), RuntimeOptions::default()).unwrap();
+    let mut r = Rng::new(3);
+    let mut b = batch(&mut r, c.vocab_size, 1, 16);
+    b.ids[5] = c.vocab_size as u32;
+    let t = b.next_token_targets();
+    let e = g.micro_step(&gm, &b, &t, 1.0).unwrap_err().to_string();
+    assert!(e.contains("ids[5]"), "{e}");
+    let other = config(GPU_LLAMA);
+    let wrong = Lora::init(&other, LoraConfig::new(4, 8.0), 0).unwrap();
+    assert!(GpuTrainer::new(&gm, &wrong, train_config(), RuntimeOptions::default()).is_err());
+}
+
+/// Checkpointing (recompute) and offload (host round trip through a ring of three device
+/// slots, so 5 layers exercise refills) give the unchanged forward and the same gradients.
+#[test]
+fn checkpointing_and_offload_match_no_checkpointing() {
+    let Some(gpu) = gpu_or_skip("gpu_model_checkpointing") else { return };
+    let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
+    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":5"#));
+    let seed = nf4::testing::Rng::fresh("gpu_model_checkpointing").next_u64();
+    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
+    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
+    let mut r = Rng::new(seed ^ 5);
+    let b = batch(&mut r, c.vocab_size, 2, 45);
+    let t = b.next_token_targets();
+    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let run = |mode: Checkpointing| {
+        let o = RuntimeOptions { checkpointing: mode, ..Default::default() };
+        let mut g = GpuTrainer::new(&gm, &lora, train_config(), o).unwrap();
+        let mut losses = vec![];
+        for _ in 0..2 {
+            g.zero_grads(&gm).unwrap();
+            losses.push(g.micro_step(&gm, &b, &t, 50.0).unwrap());
+        }
+        (losses, g.lora.download_grads(gm.gpu()).unwrap(), g.memory(&gm))
+    };
+    let (l0, g0, m0) = run(Checkpointing::Off);
+    for mode in [Checkpointing::On, Checkpointing::Offload] {
+        let (l, g, m) = run(mode);
+        assert_eq!(l, l0, "{mode:?}: the forward must be unchanged");
+        for ((name, _, got), (_, _, want)) in g.named_tensors().into_iter().zip(g0.named_tensors()) {
+            let e = rel_l2(got, want);
+            assert!(e < 2e-3, "{mode:?}: gradient {name}: relative L2 {e:.2e}");
+        }
+        assert!(m.activations < m0.activations, "{mode:?}: {} activation bytes, no less than without checkpointing ({})", m.activations, m0.activations);
+        if mode == Checkpointing::Offload {
+            assert!(m.host > 0);
+        }
+    }
+}
