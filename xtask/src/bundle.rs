@@ -68,7 +68,33 @@ fn size(p: &Path) -> u64 {
     }
 }
 
-pub fn gpu_bundle() -> Result<()> {
+/// What a bundle holds: everything is over the device's 64 MiB carry limit, so a device
+/// call takes one part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// nf4, cudakit, memlinear: their tools, libraries, tests and Python baselines.
+    Core,
+    /// fsdp: `qlora`, its GPU tests, the Unsloth / HF baselines.
+    Fsdp,
+}
+
+impl Part {
+    /// From `--only NAME`.
+    pub fn parse(args: &[String]) -> Result<Vec<Part>> {
+        match args {
+            [] => Ok(vec![Part::Core, Part::Fsdp]),
+            [flag, name] if flag == "--only" => match name.as_str() {
+                "core" => Ok(vec![Part::Core]),
+                "fsdp" => Ok(vec![Part::Fsdp]),
+                other => bail!("--only {other}: expected core or fsdp"),
+            },
+            _ => bail!("usage: cargo xtask gpu-bundle [--only core|fsdp]"),
+        }
+    }
+}
+
+pub fn gpu_bundle(parts: &[Part]) -> Result<()> {
+    let (core, fsdp) = (parts.contains(&Part::Core), parts.contains(&Part::Fsdp));
     let root = root();
     let b = root.join("bundle");
     if b.exists() {
@@ -77,26 +103,30 @@ pub fn gpu_bundle() -> Result<()> {
     for d in ["bin", "lib", "tests", "py"] {
         std::fs::create_dir_all(b.join(d))?;
     }
-    run(cargo().args(["build", "--release", "-p", "nf4", "--lib", "--bins", "--examples"]))?;
-    copy(&root.join("target/release/libnf4.so"), &b.join("lib/libnf4.so"))?;
-    copy(&root.join("target/release/nf4-bench"), &b.join("bin/nf4-bench"))?;
-    copy(&root.join("target/release/examples/interop"), &b.join("bin/interop"))?;
+    if core {
+        run(cargo().args(["build", "--release", "-p", "nf4", "--lib", "--bins", "--examples"]))?;
+        copy(&root.join("target/release/libnf4.so"), &b.join("lib/libnf4.so"))?;
+        copy(&root.join("target/release/nf4-bench"), &b.join("bin/nf4-bench"))?;
+        copy(&root.join("target/release/examples/interop"), &b.join("bin/interop"))?;
+    }
     // memlinear: its C ABI library and bench binary, once the crate exists.
     let memlinear = root.join("memlinear/Cargo.toml").exists();
-    if memlinear {
+    if core && memlinear {
         run(cargo().args(["build", "--release", "-p", "memlinear", "--lib", "--bins"]))?;
         copy(&root.join("target/release/libmemlinear.so"), &b.join("lib/libmemlinear.so"))?;
         let bench = root.join("target/release/memlinear-bench");
         if bench.exists() {
             copy(&bench, &b.join("bin/memlinear-bench"))?;
         }
-    } else {
+    } else if core {
         println!("note: no memlinear crate yet: bundle/ has no libmemlinear.so (run.sh memlinear will say so)");
     }
 
     // fsdp: the `qlora` command (its `bench` is the training benchmark).
-    run(cargo().args(["build", "--release", "-p", "fsdp", "--bins"]))?;
-    copy(&root.join("target/release/qlora"), &b.join("bin/qlora"))?;
+    if fsdp {
+        run(cargo().args(["build", "--release", "-p", "fsdp", "--bins"]))?;
+        copy(&root.join("target/release/qlora"), &b.join("bin/qlora"))?;
+    }
 
     // Test executables: `cargo test --no-run` prints their paths as JSON messages.
     let out = cargo()
@@ -114,7 +144,12 @@ pub fn gpu_bundle() -> Result<()> {
             let pkg = v["package_id"].as_str().unwrap_or("");
             // Tests of the crates with GPU code (the CPU-only crates' tests need their own
             // binaries from target/ and run in CI anyway); not the harnesses of bins.
-            let gpu_crate = ["/nf4#", "/cudakit#", "/memlinear#", "/fsdp#"].iter().any(|c| pkg.contains(c));
+            let wanted: &[&str] = match (core, fsdp) {
+                (true, true) => &["/nf4#", "/cudakit#", "/memlinear#", "/fsdp#"],
+                (true, false) => &["/nf4#", "/cudakit#", "/memlinear#"],
+                _ => &["/fsdp#"],
+            };
+            let gpu_crate = wanted.iter().any(|c| pkg.contains(c));
             if !(kind == "test" || kind == "lib" || kind == "rlib") || !gpu_crate {
                 continue;
             }
@@ -128,11 +163,12 @@ pub fn gpu_bundle() -> Result<()> {
         }
     }
 
-    // A slim bitsandbytes: Python files and the CUDA 13.0 library only (~5 MB of 43).
+    // A slim bitsandbytes (both parts): Python files and the CUDA 13.0 library only (~5 MB of 43).
     let cache = root.join("target/wheels");
     std::fs::create_dir_all(&cache)?;
     let py = b.join("py");
     extract(&wheel(&cache, BNB, "bitsandbytes-0.50.2")?, &py, &["bitsandbytes/"], &[".py", "py.typed", "_cuda130.so", "_cpu.so"])?;
+    if core {
     // Liger and Cut Cross-Entropy: their Python packages, and METADATA so that
     // importlib.metadata reports their versions.
     extract(&wheel(&cache, LIGER, "liger_kernel-0.8.5-")?, &py, &["liger_kernel/", "liger_kernel-0.8.5.dist-info/METADATA"], &[".py", "py.typed", "METADATA"])?;
@@ -141,14 +177,21 @@ pub fn gpu_bundle() -> Result<()> {
     if root.join("memlinear/py").is_dir() {
         copy_py(&root.join("memlinear/py"), &py)?;
     }
+    }
     // Unsloth and HF QLoRA baselines for the fsdp benchmark (`run.sh fsdp-baselines`).
-    crate::fsdp_baselines::bundle(&root, &b)?;
+    if fsdp {
+        crate::fsdp_baselines::bundle(&root, &b)?;
+    }
     std::fs::write(b.join("run.sh"), include_str!("run.sh"))?;
     let total = size(&b);
     println!("bundle/: {n_tests} test executables, {:.1} MiB", total as f64 / (1 << 20) as f64);
     if total > LIMIT {
-        bail!("bundle/ is {:.1} MiB, over the device's 64 MiB", total as f64 / (1 << 20) as f64);
+        bail!(
+            "bundle/ is {:.1} MiB, over the device's 64 MiB: build one part per device call (--only core, --only fsdp)",
+            total as f64 / (1 << 20) as f64
+        );
     }
-    println!("Run it on the GPU machine with the device tool:\n  run(command=\"bash bundle/run.sh all\", carry=[\"bundle\"])\nthen: cargo xtask bench --from-device <files_at>");
+    let what = if fsdp && !core { "fsdp" } else { "all" };
+    println!("Run it on the GPU machine with the device tool:\n  run(command=\"bash bundle/run.sh {what}\", carry=[\"bundle\"])\nthen: cargo xtask bench --from-device <files_at>");
     Ok(())
 }

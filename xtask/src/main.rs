@@ -29,8 +29,10 @@ Commands:
       of `bash bundle/run.sh`) into bench/results (or bench/results/NAME, for a run on
       another card kept beside the main one), then regenerate RESULTS.md.
 
-  gpu-bundle
-      Builds, for a GPU machine without Rust: release binaries, libnf4.so, libmemlinear.so,
+  gpu-bundle [--only core|fsdp]
+      Builds, for a GPU machine without Rust (everything together is over the 64 MiB a
+      device call carries: one part per call, `core` = nf4/cudakit/memlinear, `fsdp` =
+      qlora, its GPU tests and the Unsloth/HF baselines): release binaries, libnf4.so, libmemlinear.so,
       every test executable, the Python scripts, a slim bitsandbytes (CUDA 13.0 library
       only) and the Liger / Cut Cross-Entropy Python packages into bundle/ (ignored by
       git, < 64 MiB), with bundle/run.sh to run there. See README.
@@ -87,7 +89,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        Some("gpu-bundle") => bundle::gpu_bundle(),
+        Some("gpu-bundle") => bundle::gpu_bundle(&bundle::Part::parse(&args[1..])?),
         Some("pr") => pr::pr(&args[1..]),
         Some("help") | Some("-h") | Some("--help") | None => {
             print!("{HELP}");
