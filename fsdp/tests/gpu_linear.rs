@@ -463,6 +463,7 @@ fn gate_up_and_down_shapes_contiguous_and_not() {
             c.beta = 1.0;
             c.dx16 = true;
             c.dx_beta = dx_beta;
+            c.bias = vec![dx_beta == 1.0]; // a bias added into the 16-bit residual too
             c.pad = 3;
             c.contiguous = contiguous;
             run_case(&gpu, &blas, &mut rng, &c);

@@ -121,9 +121,15 @@ fn fsdp_gpu(md: &mut String, results: &Path, deeper: &str) {
     );
     *md += "Random weights, NF4 (double quant, blocksize 64) frozen base, AdamW. Step time: median after warm-up (ours: \
            `qlora bench`, the whole step from the host; baselines: `fsdp/py/bench_baselines.py`, plain loop, synchronised \
-           per step). Memory: ours = every device buffer the runtime holds; baselines = `torch.cuda.max_memory_allocated`. \
+           per step). Memory: ours = every device buffer the runtime holds (the JSON also has the whole device's use from \
+           `cuMemGetInfo`, CUDA context, kernels and cuBLAS workspace included); baselines = `torch.cuda.max_memory_allocated` \
+           (which excludes the same). \
            All in the same device call.\n\n";
-    *md += "| run | checkpointing | tokens/s | step (ms) | peak memory (GB) | vs Unsloth same mode | goal (>= 1.25x, <= its memory) |\n|---|---|---|---|---|---|---|\n";
+    *md += "Goals (issue 4): >= 1.25x Unsloth's tokens/s at no more than its peak memory, per mode (`on` is compared with \
+           Unsloth's offloaded checkpointing, the only checkpointing mode measured). The issue also states them as fixed numbers \
+           from an earlier Unsloth measurement (53.0k / 35.8k tokens/s): >= 66k tokens/s at <= 10.2 GB without checkpointing, \
+           >= 44.8k at <= 2.47 GB with checkpointing and offload.\n\n";
+    *md += "| run | checkpointing | tokens/s | step (ms) | peak memory (GB) | vs Unsloth | 1.25x goal | fixed-number goal |\n|---|---|---|---|---|---|---|---|\n";
     let pairs = [("off", "unsloth-none"), ("on", "unsloth-unsloth-offload"), ("offload", "unsloth-unsloth-offload")];
     for run in ours["runs"].as_array().into_iter().flatten() {
         let mode = text(run, "checkpointing");
@@ -138,13 +144,18 @@ fn fsdp_gpu(md: &mut String, results: &Path, deeper: &str) {
             }
             None => ("-".to_string(), "-"),
         };
-        let _ = writeln!(md, "| ours | {mode} | {tps:.0} | {:.1} | {mem:.2} | {ratio} | {goal} |", f(run, "step_ms_median"));
+        let fixed = match mode {
+            "off" => if tps >= 66_000.0 && mem <= 10.2 { "met" } else { "**missed**" },
+            "offload" => if tps >= 44_800.0 && mem <= 2.47 { "met" } else { "**missed**" },
+            _ => "-",
+        };
+        let _ = writeln!(md, "| ours | {mode} | {tps:.0} | {:.1} | {mem:.2} | {ratio} | {goal} | {fixed} |", f(run, "step_ms_median"));
     }
     for name in ["unsloth-none", "unsloth-unsloth-offload", "hf-on", "hf-none"] {
         if let Some(p) = base(name) {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.1} | {:.2} | | |",
+                "| {} | {} | {:.0} | {:.1} | {:.2} | | | |",
                 text(&p, "impl"),
                 text(&p, "ckpt"),
                 f(&p, "tokens_per_s"),

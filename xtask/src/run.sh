@@ -6,7 +6,7 @@ B="$(cd "$(dirname "$0")" && pwd)"
 R="$(dirname "$B")"
 OUT="${OUT:-$R/.device-out}"
 mkdir -p "$OUT"
-export REQUIRE_GPU=1 NF4_FIXTURES="$R/nf4/tests/fixtures" PYTHONUNBUFFERED=1
+export REQUIRE_GPU=1 NF4_FIXTURES="${NF4_FIXTURES:-$R/nf4/tests/fixtures}" PYTHONUNBUFFERED=1
 export PYTHONPATH="$B/py${PYTHONPATH:+:$PYTHONPATH}"
 what="${1:-all}"
 status=0
@@ -117,7 +117,7 @@ run_fsdp_baselines() {
         fi
     done
     echo "-- summary (card, tokens/s, median step, peak allocated/reserved, MFU vs bf16 GEMM in the same process)"
-    python3 "$B/py/bench_baselines.py" --summary "$dir"/*.json || status=1
+    python3 "$B/py/bench_baselines.py" --summary "$dir"/{unsloth,hf}-*.json || status=1
 }
 if [[ $what == fsdp-baselines ]]; then
     run_fsdp_baselines

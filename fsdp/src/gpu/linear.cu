@@ -44,3 +44,30 @@ extern "C" __global__ void bias_fill_16(u16* y, long long ldy, const u16* bias, 
 
 BIAS_ADD_F32(bias_add_f32_bf16, bf16_to_f)
 BIAS_ADD_F32(bias_add_f32_f16, f16_to_f)
+
+// 16-bit y, accumulating (the model's residual stream): y = round(y + bias), then the base
+// GEMM adds x W^T onto it (two roundings, as `residual + (x W^T + b)` in bf16 has).
+__device__ __forceinline__ u16 f_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // NaN stays NaN
+    return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                    // round to nearest even
+}
+__device__ __forceinline__ u16 f_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#define BIAS_ADD_16(NAME, TO_F, FROM_F)                                                                           \
+    extern "C" __global__ void NAME(u16* y, long long ldy, const u16* bias, long long rows, long long cols) {       \
+        if (!bias) return;                                                                                         \
+        long long n = rows * cols;                                                                                 \
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                                 \
+             i += (long long)gridDim.x * blockDim.x) {                                                             \
+            long long r = i / cols, j = i - r * cols;                                                              \
+            u16* p = y + r * ldy + j;                                                                              \
+            *p = FROM_F(TO_F(*p) + TO_F(bias[j]));                                                                 \
+        }                                                                                                          \
+    }
+
+BIAS_ADD_16(bias_add_16_bf16, bf16_to_f, f_to_bf16)
+BIAS_ADD_16(bias_add_16_f16, f16_to_f, f_to_f16)

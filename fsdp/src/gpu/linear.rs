@@ -339,9 +339,11 @@ unsafe fn bias_prologue(g: &Group, rows: usize, y: u64, ldy: usize, y_dt: Dtype,
     if g.parts.iter().all(|p| p.bias == 0) {
         return Ok(beta);
     }
-    let name = match (y_dt, g.dtype) {
-        (Dtype::F32, Dtype::Bf16) => "bias_add_f32_bf16",
-        (Dtype::F32, _) => "bias_add_f32_f16",
+    let name = match (y_dt, g.dtype, beta != 0.0) {
+        (Dtype::F32, Dtype::Bf16, _) => "bias_add_f32_bf16",
+        (Dtype::F32, _, _) => "bias_add_f32_f16",
+        (_, Dtype::Bf16, true) => "bias_add_16_bf16",
+        (_, _, true) => "bias_add_16_f16",
         _ => "bias_fill_16",
     };
     let f = function_in_current_context(source(), name)?;
@@ -349,7 +351,7 @@ unsafe fn bias_prologue(g: &Group, rows: usize, y: u64, ldy: usize, y_dt: Dtype,
     let mut col = 0usize;
     for p in g.parts {
         let accumulate = beta != 0.0;
-        // Accumulating into f32: a part without bias keeps y as it is.
+        // Accumulating: a part without bias keeps y as it is.
         if !(p.bias == 0 && accumulate) {
             let n = rows as u64 * p.out_features as u64;
             let grid = n.div_ceil(256).clamp(1, 8192) as u32;
@@ -427,9 +429,19 @@ pub unsafe fn forward(
     let inf = g.in_features;
 
     dequant_group(g, w, stream)?;
-    let base_beta = bias_prologue(g, rows, y, ldy, y_dt, beta, stream)?;
-    // y^T [O, rows] = W [O, in] x^T (column-major view of row-major y = x W^T).
-    blas.gemm("linear forward: y = x W^T", Op::T, Op::N, o, rows, inf, 1.0, Mat::new(w, dt, inf), Mat::new(x, dt, ldx), base_beta, Mat::new(y, ydt, ldy))?;
+    let base = |beta: f32| {
+        // y^T [O, rows] = W [O, in] x^T (column-major view of row-major y = x W^T).
+        blas.gemm("linear forward: y = x W^T", Op::T, Op::N, o, rows, inf, 1.0, Mat::new(w, dt, inf), Mat::new(x, dt, ldx), beta, Mat::new(y, ydt, ldy))
+    };
+    // When every part has an adapter and y is overwritten, the adapter GEMMs write y first
+    // (write-only) and the base GEMM adds onto it in its epilogue: one pass over y fewer
+    // than adding the adapters afterwards (read + write per part), and y is still fully
+    // written before anyone reads it.
+    let lora_first = r > 0 && beta == 0.0 && g.parts.iter().all(|p| p.lora.is_some() && p.bias == 0);
+    if !lora_first {
+        let base_beta = bias_prologue(g, rows, y, ldy, y_dt, beta, stream)?;
+        base(base_beta)?;
+    }
     if r == 0 {
         return Ok(());
     }
@@ -439,7 +451,7 @@ pub unsafe fn forward(
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
         if let Some(l) = p.lora {
-            // y_p^T [out_p, rows] += s B_p [out_p, r] xa_p^T [r, rows].
+            // y_p^T [out_p, rows] (+)= s B_p [out_p, r] xa_p^T [r, rows].
             blas.gemm(
                 "linear forward: y += s xa B^T",
                 Op::T,
@@ -450,12 +462,15 @@ pub unsafe fn forward(
                 l.scale,
                 Mat::new(l.b, dt, l.r),
                 Mat::new(xa + rc as u64 * e, dt, r),
-                1.0,
+                if lora_first { 0.0 } else { 1.0 },
                 Mat::new(y + col as u64 * ye, ydt, ldy),
             )?;
             rc += l.r;
         }
         col += p.out_features;
+    }
+    if lora_first {
+        base(1.0)?;
     }
     Ok(())
 }
@@ -539,13 +554,22 @@ pub unsafe fn backward(
         col += p.out_features;
     }
     // dx^T [in, rows] = W^T [in, O] dy^T [O, rows]  (W row-major [O, in] is column-major [in, O]).
-    blas.gemm("linear backward: dx = dy W", Op::N, Op::N, inf, rows, o, 1.0, Mat::new(w, dt, inf), Mat::new(dy, dt, lddy), dx_beta, Mat::new(dx, dxt, lddx))?;
+    let base = |beta: f32| {
+        blas.gemm("linear backward: dx = dy W", Op::N, Op::N, inf, rows, o, 1.0, Mat::new(w, dt, inf), Mat::new(dy, dt, lddy), beta, Mat::new(dx, dxt, lddx))
+    };
     if r == 0 {
-        return Ok(());
+        return base(dx_beta);
     }
     let a = stacked_a(g, scratch + lay.a as u64, stream)?;
-    // dx^T [in, rows] += A^T [in, R] g'^T [R, rows].
-    blas.gemm("linear backward: dx += g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 1.0, Mat::new(dx, DataType::F32, lddx))?;
+    // dx^T [in, rows] (+)= A^T [in, R] g'^T [R, rows]. Overwriting dx, the small adapter
+    // GEMM writes it first and the base GEMM adds in its epilogue (one pass over dx fewer).
+    if dx_beta == 0.0 {
+        blas.gemm("linear backward: dx = g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 0.0, Mat::new(dx, dxt, lddx))?;
+        base(1.0)?;
+    } else {
+        base(dx_beta)?;
+        blas.gemm("linear backward: dx += g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 1.0, Mat::new(dx, dxt, lddx))?;
+    }
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
         if let Some(l) = p.lora {

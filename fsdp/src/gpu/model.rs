@@ -404,22 +404,24 @@ struct Buffers {
     saved: Vec<Saved>,
     inputs: Inputs,
     last_rstd: CudaSlice<f32>,
-    /// The final norm's output; also where a recomputed layer's (unused) output goes.
-    hidden: CudaSlice<u16>,
-    dhidden: CudaSlice<u16>,
-    emb32: CudaSlice<f32>,
+    /// A norm's output inside a layer; between the layers' forward and backward, the
+    /// final norm's output (the LM head's input).
     n: CudaSlice<u16>,
     act: CudaSlice<u16>,
     /// d(SwiGLU product), `[T, I]`.
     dact: CudaSlice<u16>,
     rstd_tmp: CudaSlice<f32>,
     dres: CudaSlice<f32>,
-    dn: CudaSlice<f32>,
+    /// f32 `[T, H]`: the embedding's output at the start of the forward; a norm's input
+    /// gradient in the backward; the attention backward's workspace in between (when dn
+    /// is dead), so sized for the larger of the two.
+    dn: CudaSlice<u8>,
+    /// 16-bit `[T, H]`: an output gradient in the backward; the LM head's `dhidden`; the
+    /// (unread) output of a recomputed layer.
     dy16: CudaSlice<u16>,
     do16: CudaSlice<u16>,
     dqkv: CudaSlice<u16>,
     linear_scratch: CudaSlice<u8>,
-    attn_ws: CudaSlice<u8>,
     head_ws: CudaSlice<u8>,
     head_chunk: usize,
     ids: CudaSlice<u32>,
@@ -635,20 +637,16 @@ impl GpuTrainer {
             saved,
             inputs,
             last_rstd,
-            hidden: alloc(s, t * k.hd, x)?,
-            dhidden: alloc(s, t * k.hd, x)?,
-            emb32: alloc(s, t * k.hd, x)?,
             n: alloc(s, t * k.hd, x)?,
             act: alloc(s, t * k.inter, x)?,
             dact: alloc(s, t * k.inter, x)?,
             rstd_tmp: alloc(s, t, x)?,
             dres: alloc(s, t * k.hd, x)?,
-            dn: alloc(s, t * k.hd, x)?,
+            dn: alloc(s, (t * k.hd * 4).max(attention::backward_workspace_bytes(&shape)), x)?,
             dy16: alloc(s, t * k.hd, x)?,
             do16: alloc(s, t * k.nq, x)?,
             dqkv: alloc(s, t * k.w, x)?,
             linear_scratch: alloc(s, lin, x)?,
-            attn_ws: alloc(s, attention::backward_workspace_bytes(&shape), x)?,
             head_ws: alloc(s, head_ws_bytes, x)?,
             head_chunk,
             ids: alloc(s, t, x)?,
@@ -700,7 +698,7 @@ impl GpuTrainer {
         unsafe {
             let x0 = self.input_for_write(0, &s)?;
             let bufs = self.bufs.as_mut().expect("sized");
-            let emb = addr_mut(&mut bufs.emb32, &s);
+            let emb = addr_mut(&mut bufs.dn, &s);
             kernels::embedding_forward(k.dt, addr(&m.embed, &s), m.config.vocab_size, k.hd, addr(&bufs.ids, &s), k.t, emb, s.cu_stream())?;
             kernels::cast(Dtype::F32, emb, k.hd, k.dt, x0, k.hd, k.t, k.hd, s.cu_stream())?;
             let nl = m.config.num_hidden_layers;
@@ -713,12 +711,12 @@ impl GpuTrainer {
             }
             let last = self.input_for_read_unchecked(nl, &s);
             let bufs = self.bufs.as_mut().expect("sized");
-            let (lr, hidden) = (addr_mut(&mut bufs.last_rstd, &s), addr_mut(&mut bufs.hidden, &s));
+            let (lr, hidden) = (addr_mut(&mut bufs.last_rstd, &s), addr_mut(&mut bufs.n, &s));
             kernels::rms_norm_forward(k.dt, k.dt, last, k.hd, addr(&m.norm, &s), k.t, k.hd, k.eps, hidden, k.hd, lr, s.cu_stream())?;
             let loss = self.head(m, b, normalizer)?;
             let bufs = self.bufs.as_mut().expect("sized");
             let dres = addr_mut(&mut bufs.dres, &s);
-            kernels::rms_norm_backward(k.dt, k.dt, k.dt, addr(&bufs.dhidden, &s), k.hd, last, k.hd, addr(&m.norm, &s), addr(&bufs.last_rstd, &s), k.t, k.hd, dres, k.hd, false, s.cu_stream())?;
+            kernels::rms_norm_backward(k.dt, k.dt, k.dt, addr(&bufs.dy16, &s), k.hd, last, k.hd, addr(&m.norm, &s), addr(&bufs.last_rstd, &s), k.t, k.hd, dres, k.hd, false, s.cu_stream())?;
             for l in (0..nl).rev() {
                 if l > 0 {
                     self.prefetch_input(l - 1, &s)?;
@@ -728,7 +726,7 @@ impl GpuTrainer {
                     l
                 } else {
                     // Recompute the layer (its output goes to a scratch nobody reads).
-                    let sink = addr_mut(&mut self.bufs.as_mut().expect("sized").hidden, &s);
+                    let sink = addr_mut(&mut self.bufs.as_mut().expect("sized").dy16, &s);
                     self.layer_forward(m, &k, &shape, b.docs.is_some(), l, 0, x, sink, &s)?;
                     0
                 };
@@ -909,7 +907,7 @@ impl GpuTrainer {
             tokens: t,
             vocab: c.vocab_size,
             dtype: m.dtype,
-            student: RawHead { x: addr(&bufs.hidden, &s), w: addr(w, &s), bias: 0, hidden: c.hidden_size },
+            student: RawHead { x: addr(&bufs.n, &s), w: addr(w, &s), bias: 0, hidden: c.hidden_size },
             teacher: None,
             targets: addr(&bufs.targets, &s),
             ignore_index: IGNORE_INDEX,
@@ -920,7 +918,7 @@ impl GpuTrainer {
         let o = RawOutputs {
             loss: addr_mut(&mut bufs.loss, &s),
             per_token: 0,
-            dx: addr_mut(&mut bufs.dhidden, &s),
+            dx: addr_mut(&mut bufs.dy16, &s),
             dw: 0,
             dw_dtype: Dtype::F32,
             db: 0,
@@ -947,7 +945,7 @@ impl GpuTrainer {
         // A recomputed norm's rstd (equal to the saved one) goes here, not over it.
         let rstd_tmp = addr_mut(&mut bufs.rstd_tmp, s);
         let (ls, lsb) = (addr_mut(&mut bufs.linear_scratch, s), bufs.linear_scratch.len());
-        let (aws, awsb) = (addr_mut(&mut bufs.attn_ws, s), bufs.attn_ws.len());
+        let (aws, awsb) = (dn, bufs.dn.len());
         let (cos, sin) = (addr(&bufs.cos, s), addr(&bufs.sin, s));
         let docs = if has_docs { addr(&bufs.docs, s) } else { 0 };
         let wl = &m.layers[l];

@@ -17,8 +17,17 @@ fn model_dir(dir: &Path) {
     hf::write_folder(dir, TINY_LLAMA, &t, Dtype::BF16, 1).unwrap();
 }
 
+/// The `qlora` binary cargo built for this test, or, where the test executable was moved
+/// (the GPU machine's bundle: `tests/` beside `bin/`), the bundle's.
 fn qlora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora")).args(args).output().unwrap()
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_qlora"));
+    let exe = if built.exists() {
+        built
+    } else {
+        let here = std::env::current_exe().unwrap();
+        here.parent().and_then(Path::parent).map(|b| b.join("bin/qlora")).filter(|p| p.exists()).unwrap_or(built)
+    };
+    Command::new(&exe).args(args).output().unwrap_or_else(|e| panic!("{}: {e}", exe.display()))
 }
 
 fn data(dir: &Path, lines: &[&str]) -> String {
