@@ -157,29 +157,13 @@ impl Llama {
     /// Checks a batch against the model: lengths, token ids below the vocabulary size,
     /// sequences no longer than a sliding window.
     pub fn check_batch(&self, b: &Batch) -> Result<()> {
-        b.validate()?;
-        let v = self.config.vocab_size;
-        if let Some(i) = b.ids.iter().position(|&id| id as usize >= v) {
-            return Err(Error::arg("ids", format!("ids[{i}] = {} is outside the vocabulary [0, {v})", b.ids[i])));
-        }
-        if let Some(w) = self.config.sliding_window {
-            if b.seq_len > w {
-                return Err(Error::arg(
-                    "seq_len",
-                    format!("{} exceeds the model's sliding window ({w}): only full causal attention is implemented, which equals the window's only up to that length", b.seq_len),
-                ));
-            }
-        }
-        Ok(())
+        check_batch(&self.config, b)
     }
 
     fn check_lora(&self, lora: &Lora) -> Result<()> {
-        let c = &self.config;
-        if lora.layers() != c.num_hidden_layers || Proj::ALL.iter().any(|&p| lora.shape(p) != p.shape(c)) {
-            return Err(Error::arg("lora", "the adapters were made for a model of another shape"));
-        }
-        Ok(())
+        check_lora(&self.config, lora)
     }
+
 
     fn attn_shape(&self, b: &Batch) -> AttnShape {
         let c = &self.config;
@@ -339,4 +323,31 @@ fn adapter(lora: &Lora, layer: usize, p: Proj) -> Option<Adapter<'_>> {
 
 fn add(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+}
+
+/// Checks a batch against a model configuration: lengths, token ids below the vocabulary
+/// size, sequences no longer than a sliding window (shared by the CPU and GPU models).
+pub(crate) fn check_batch(config: &Config, b: &Batch) -> Result<()> {
+    b.validate()?;
+    let v = config.vocab_size;
+    if let Some(i) = b.ids.iter().position(|&id| id as usize >= v) {
+        return Err(Error::arg("ids", format!("ids[{i}] = {} is outside the vocabulary [0, {v})", b.ids[i])));
+    }
+    if let Some(w) = config.sliding_window {
+        if b.seq_len > w {
+            return Err(Error::arg(
+                "seq_len",
+                format!("{} exceeds the model's sliding window ({w}): only full causal attention is implemented, which equals the window's only up to that length", b.seq_len),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that adapters were made for a model of this configuration.
+pub(crate) fn check_lora(config: &Config, lora: &Lora) -> Result<()> {
+    if lora.layers() != config.num_hidden_layers || Proj::ALL.iter().any(|&p| lora.shape(p) != p.shape(config)) {
+        return Err(Error::arg("lora", "the adapters were made for a model of another shape"));
+    }
+    Ok(())
 }

@@ -348,11 +348,6 @@ fn write_plot(out: &Path, curve: &[(u64, f64)]) -> AnyResult<()> {
     Ok(())
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn bench(a: BenchArgs) -> AnyResult<()> {
     let mut config = Config::from_json_str(fsdp::config::LLAMA_3_2_1B, "preset llama-3.2-1b")?;
     if let Some(l) = a.layers {
@@ -396,7 +391,7 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
                 times.push(ms);
             }
         }
-        let step_ms = median(&mut times.clone());
+        let step_ms = cudakit::timing::median(&mut times.clone());
         let mem = trainer.memory(&m);
         let (free, total) = cudakit::cudarc::driver::result::mem_get_info().map_err(|e| format!("cuMemGetInfo: {e}"))?;
         let tokens_per_s = t as f64 / (step_ms / 1e3);

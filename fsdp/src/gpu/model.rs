@@ -539,10 +539,7 @@ impl GpuTrainer {
         if lora.config.dropout != 0.0 {
             return Err(Error::arg("lora.dropout", format!("{}: LoRA dropout is not implemented yet, train with 0", lora.config.dropout)));
         }
-        let c = &model.config;
-        if lora.layers() != c.num_hidden_layers || Proj::ALL.iter().any(|&p| lora.shape(p) != p.shape(c)) {
-            return Err(Error::arg("lora", "the adapters were made for a model of another shape"));
-        }
+        crate::model::check_lora(&model.config, lora)?;
         let gpu = model.gpu();
         gpu.bind()?;
         let blas = cudakit::blas::Blas::on(gpu, 32 << 20)?;
@@ -731,7 +728,7 @@ impl GpuTrainer {
                     0
                 };
                 self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, &s)?;
-                self.release_input(l, &s)?;
+                self.release_input(l)?;
             }
             // dres is now the gradient of the frozen embedding's output: nothing to train there.
             self.finish_offload(&s)?;
@@ -834,7 +831,7 @@ impl GpuTrainer {
     }
 
     /// Offload mode: layer `l`'s backward is queued; its slot may be refilled after it.
-    unsafe fn release_input(&mut self, l: usize, _s: &std::sync::Arc<CudaStream>) -> Result<()> {
+    unsafe fn release_input(&mut self, l: usize) -> Result<()> {
         let bufs = self.bufs.as_mut().expect("sized");
         if let Inputs::Offload { holds, .. } = &mut bufs.inputs {
             let slot = l % 3;
@@ -1058,21 +1055,13 @@ unsafe fn memcpy_d2d(dst: u64, src: u64, bytes: usize, st: cudakit::cudarc::driv
 }
 
 fn check_batch(m: &GpuModel, b: &Batch, targets: &[i64]) -> Result<()> {
-    b.validate()?;
+    crate::model::check_batch(&m.config, b)?;
     let v = m.config.vocab_size;
-    if let Some(i) = b.ids.iter().position(|&id| id as usize >= v) {
-        return Err(Error::arg("ids", format!("ids[{i}] = {} is outside the vocabulary [0, {v})", b.ids[i])));
-    }
     if targets.len() != b.tokens() {
         return Err(Error::arg("targets", format!("{} targets for {} tokens", targets.len(), b.tokens())));
     }
     if let Some(i) = targets.iter().position(|&t| t != IGNORE_INDEX && (t < 0 || t as usize >= v)) {
         return Err(Error::arg("targets", format!("targets[{i}] = {} is outside the vocabulary [0, {v})", targets[i])));
-    }
-    if let Some(w) = m.config.sliding_window {
-        if b.seq_len > w {
-            return Err(Error::arg("seq_len", format!("{} exceeds the model's sliding window ({w})", b.seq_len)));
-        }
     }
     Ok(())
 }
