@@ -40,9 +40,8 @@ enum Cmd {
     /// `peft.PeftModel.from_pretrained` loads. Nothing is written over an existing adapter
     /// unless --overwrite.
     ///
-    /// Example:
-    ///   qlora train --model ./Llama-3.2-1B --data train.jsonl --out ./run1 \
-    ///     --seq-len 2048 --batch 4 --steps 500 --lr 2e-4 --warmup 20 --rank 16
+    /// Example: `qlora train --model ./Llama-3.2-1B --data train.jsonl --out ./run1 --seq-len 2048
+    /// --batch 4 --steps 500 --lr 2e-4 --warmup 20 --rank 16 --checkpointing offload`
     Train(TrainArgs),
     /// Benchmark one training step of a random-weight model (default: the Llama-3.2-1B
     /// shape) on the GPU: tokens/s, step time, memory, MFU; JSON with --json.
