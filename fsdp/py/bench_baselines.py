@@ -416,6 +416,16 @@ def run(args, result: dict) -> None:
     g = torch.Generator().manual_seed(DATA_SEED)
     regular = cfg["vocab_size"] - N_SPECIAL
     data = torch.randint(0, regular, (total, args.batch, args.seq), generator=g).to(args.device)
+    if args.dump:
+        # What another implementation needs to reproduce this run's loss curve: the batches
+        # and the adapters as initialised (PEFT's format), before any step.
+        os.makedirs(args.dump, exist_ok=True)
+        with open(os.path.join(args.dump, "batches.json"), "w") as f:
+            json.dump(data.tolist(), f)
+        model.save_pretrained(args.dump)
+        result["dump"] = {"dir": args.dump, "optimizer": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                          "weight_decay": 0.0, "grad_clip": None}}
+        log(f"dumped the batches and the initial adapter to {args.dump}")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -607,6 +617,7 @@ def main(argv=None) -> int:
     p.add_argument("--loop", choices=("plain", "sft"), default="plain",
                    help="plain: this script's loop (the measurement); sft: TRL's SFTTrainer (cross-check)")
     p.add_argument("--build-only", action="store_true", help="write the model folder and exit")
+    p.add_argument("--dump", help="write the batches (batches.json) and the initial adapter (PEFT format) here")
     p.add_argument("--summary", nargs="+", metavar="JSON", help="print a table of result files and exit")
     args = p.parse_args(argv)
 

@@ -23,7 +23,7 @@ pub fn ingest(dir: &Path, results: &Path) -> Result<usize> {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(stem) = name.strip_suffix(".json") {
-                let to = if stem == "ours" { "fsdp-gpu-ours.json".to_string() } else { format!("fsdp-gpu-baseline-{stem}.json") };
+                let to = if stem.starts_with("ours") { format!("fsdp-gpu-{stem}.json") } else { format!("fsdp-gpu-baseline-{stem}.json") };
                 pairs.push((e.path(), to));
             }
         }
@@ -167,8 +167,35 @@ fn fsdp_gpu(md: &mut String, results: &Path, deeper: &str) {
     *md += "\n";
 }
 
+/// The loss curve: ours started from Unsloth's model folder, initial adapter and batches
+/// (`run.sh fsdp`), against Unsloth's per-step losses of the same call.
+fn fsdp_loss_curve(md: &mut String, results: &Path, deeper: &str) {
+    let (Some(p), Some(u)) = (load(results, "fsdp-gpu-ours-parity.json"), load(results, "fsdp-gpu-baseline-unsloth-none.json")) else { return };
+    let ours: Vec<f64> = p["runs"][0]["losses"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+    let theirs: Vec<f64> = u["losses"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+    let n = ours.len().min(theirs.len());
+    let rel: Vec<f64> = (0..n).map(|i| (ours[i] - theirs[i]).abs() / theirs[i].abs()).collect();
+    let worst = rel.iter().cloned().fold(0.0, f64::max);
+    let _ = writeln!(
+        md,
+        "##{deeper} fsdp: loss curve against Unsloth ({}, same device call)\n\nOurs started from Unsloth's model folder, \
+         its initial adapter (saved by `bench_baselines.py --dump` before the first step) and its {n} batches, with its \
+         optimizer (AdamW lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay, no clipping), no checkpointing on either side. \
+         Per-step losses agree within **{worst:.2e}** relative.\n",
+        text(&p, "device")
+    );
+    *md += "| step | Unsloth | ours | relative difference |\n|---|---|---|---|\n";
+    let mut rows: Vec<usize> = (0..n).step_by(4).chain(std::iter::once(n.saturating_sub(1))).collect();
+    rows.dedup();
+    for i in rows {
+        let _ = writeln!(md, "| {i} | {:.6} | {:.6} | {:.2e} |", theirs[i], ours[i], rel[i]);
+    }
+    *md += "\n";
+}
+
 fn gpu_sections(md: &mut String, results: &Path, deeper: &str) {
     fsdp_gpu(md, results, deeper);
+    fsdp_loss_curve(md, results, deeper);
     if let Some(v) = load(results, "nf4-gpu-vs-bnb.json") {
         let _ = writeln!(
             md,

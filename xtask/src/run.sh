@@ -105,9 +105,15 @@ run_fsdp_baselines() {
         lim="${lim:-$limit}"
         echo "-- $impl, checkpointing $ckpt ($warmup warm-up + $steps measured steps, timeout $lim s)"
         echo "==== $impl $ckpt" >> "$log"
+        # FSDP_BASELINE_DUMP: the first Unsloth run without checkpointing also writes its batches
+        # and initial adapter there (the loss-curve comparison of `run.sh fsdp`).
+        local dump=()
+        if [[ -n ${FSDP_BASELINE_DUMP:-} && $impl == unsloth && $ckpt == none && ! -f $FSDP_BASELINE_DUMP/batches.json ]]; then
+            dump=(--dump "$FSDP_BASELINE_DUMP")
+        fi
         (cd /tmp/fsdp-baselines && PYTHONPATH="$pp" timeout -k 10 "$lim" python3 "$B/py/bench_baselines.py" \
             --impl "$impl" --ckpt "$ckpt" --steps "$steps" --warmup "$warmup" --model-dir "$model" \
-            --shape "$shape" --json "$dir/$impl-$ckpt$tag.json" $extra) >> "$log" 2>&1
+            --shape "$shape" --json "$dir/$impl-$ckpt$tag.json" "${dump[@]}" $extra) >> "$log" 2>&1
         rc=$?
         awk -v m="==== $impl $ckpt" '$0==m{f=1;next} /^==== /{f=0} f&&/^\[bench_baselines/' "$log"
         if [[ $rc != 0 ]]; then
@@ -137,7 +143,21 @@ if [[ $what == fsdp || $what == fsdp-bench ]]; then
         echo "FAILED: qlora bench; the end of its log:"; tail -30 "$OUT/fsdp/ours.log"; status=1; }
 fi
 if [[ $what == fsdp ]]; then
+    export FSDP_BASELINE_DUMP=/tmp/fsdp-baselines/dump
+    rm -rf "$FSDP_BASELINE_DUMP"
     run_fsdp_baselines
+    # The loss curve: ours from Unsloth's model folder, initial adapter and batches, with its
+    # optimizer settings, step by step (compared in bench/RESULTS.md).
+    if [[ -f $FSDP_BASELINE_DUMP/batches.json ]]; then
+        echo "== fsdp: qlora on Unsloth's model, adapter and batches (loss curve)"
+        timeout -k 10 "${FSDP_BENCH_TIMEOUT:-300}" "$B/bin/qlora" bench --model /tmp/fsdp-baselines/llama-3.2-1b-random \
+            --adapter "$FSDP_BASELINE_DUMP" --batches "$FSDP_BASELINE_DUMP/batches.json" --checkpointing off \
+            --warmup "${FSDP_BASELINE_WARMUP:-5}" --steps "${FSDP_BASELINE_STEPS:-20}" --json "$OUT/fsdp/ours-parity.json" \
+            2> "$OUT/fsdp/ours-parity.log" || { echo "FAILED: qlora parity run:"; tail -20 "$OUT/fsdp/ours-parity.log"; status=1; }
+        grep -E "step +[0-9]+:" "$OUT/fsdp/ours-parity.log" | head -3
+    else
+        echo "fsdp: no dump from the Unsloth run: loss-curve comparison skipped"; status=1
+    fi
 fi
 echo "run.sh: exit $status"
 exit $status

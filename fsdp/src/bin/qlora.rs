@@ -180,6 +180,18 @@ struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A Hugging Face model folder instead of random weights (NF4 at load). With
+    /// --adapter and --batches, reproduces another tool's run step by step: AdamW lr 2e-4,
+    /// betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping (what
+    /// `fsdp/py/bench_baselines.py --dump` records).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Initial adapters in PEFT's format (instead of PEFT's default initialisation here).
+    #[arg(long, requires = "model")]
+    adapter: Option<PathBuf>,
+    /// The batches as JSON `[step][row][token]` (one per step; warm-up + measured steps of them).
+    #[arg(long, requires = "model")]
+    batches: Option<PathBuf>,
 }
 
 fn main() {
@@ -354,35 +366,72 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
     }
     let gpu = cudakit::Gpu::open(0)?;
     let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
-    eprintln!("building a random {}-layer Llama-3.2-1B-shaped model (NF4) ...", config.num_hidden_layers);
     let t0 = Instant::now();
-    let model = Llama::random(config.clone(), 0, &BaseFormat::default())?;
+    let model = match &a.model {
+        Some(dir) => {
+            eprintln!("loading {} (NF4 at load) ...", dir.display());
+            fsdp::hf::load(dir, &BaseFormat::default())?
+        }
+        None => {
+            eprintln!("building a random {}-layer Llama-3.2-1B-shaped model (NF4) ...", config.num_hidden_layers);
+            Llama::random(config.clone(), 0, &BaseFormat::default())?
+        }
+    };
+    let config = model.config.clone();
     let m = GpuModel::upload(&gpu, &model, dtype)?;
     drop(model);
     eprintln!("ready in {:.1}s on {}", t0.elapsed().as_secs_f64(), gpu.info().name);
-    let lora = Lora::init(&config, LoraConfig::new(a.rank, a.rank as f64), 0)?;
-    let mut rng = fsdp::rng::Rng::new(1234);
-    let t = a.batch * a.seq_len;
-    let ids: Vec<u32> = (0..t).map(|_| (rng.next_u64() % config.vocab_size as u64) as u32).collect();
-    let micro = [MicroBatch::next_token(Batch::new(ids, a.seq_len)?)];
+    let lora = match &a.adapter {
+        Some(dir) => fsdp::peft::load(dir, &config)?,
+        None => Lora::init(&config, LoraConfig::new(a.rank, a.rank as f64), 0)?,
+    };
+    // One micro-batch per step: the given batches in turn, or one random batch throughout.
+    let micros: Vec<MicroBatch> = match &a.batches {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let steps: Vec<Vec<Vec<u32>>> = serde_json::from_str(&text).map_err(|e| format!("{}: not [step][row][token] ids: {e}", p.display()))?;
+            if steps.len() < a.warmup + a.steps {
+                return Err(format!("{}: {} batches for {} steps", p.display(), steps.len(), a.warmup + a.steps).into());
+            }
+            steps
+                .into_iter()
+                .map(|rows| {
+                    let seq = rows.first().map_or(0, Vec::len);
+                    Ok(MicroBatch::next_token(Batch::new(rows.concat(), seq)?))
+                })
+                .collect::<fsdp::Result<_>>()?
+        }
+        None => {
+            let mut rng = fsdp::rng::Rng::new(1234);
+            let ids: Vec<u32> = (0..a.batch * a.seq_len).map(|_| (rng.next_u64() % config.vocab_size as u64) as u32).collect();
+            vec![MicroBatch::next_token(Batch::new(ids, a.seq_len)?)]
+        }
+    };
+    let (batch, seq_len) = (micros[0].batch.seqs(), micros[0].batch.seq_len);
+    let t = batch * seq_len;
     let c = &config;
     // Model FLOPs of one step: forward + backward without weight gradients of the frozen
     // base (2 GEMMs per projection: 4 FLOPs per weight per token), LoRA (6 per parameter),
     // causal attention (half the square; backward 2.5x forward), the frozen LM head (2 GEMMs).
     let proj_params: usize = Proj::ALL.iter().map(|p| { let (o, i) = p.shape(c); o * i }).sum::<usize>() * c.num_hidden_layers;
-    let attn = 4.0 * (a.batch * c.num_attention_heads * c.head_dim) as f64 * (a.seq_len * a.seq_len) as f64 / 2.0 * c.num_hidden_layers as f64;
+    let attn = 4.0 * (batch * c.num_attention_heads * c.head_dim) as f64 * (seq_len * seq_len) as f64 / 2.0 * c.num_hidden_layers as f64;
     let flops = 4.0 * t as f64 * proj_params as f64 + 6.0 * t as f64 * lora.num_params() as f64 + attn * 3.5 + 4.0 * t as f64 * (c.vocab_size * c.hidden_size) as f64;
     let mut runs = Vec::new();
     for mode in &a.checkpointing {
         let ckpt = Checkpointing::from(*mode);
         let name = format!("{ckpt:?}").to_lowercase();
-        let tc = TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-4), max_grad_norm: Some(1.0) };
+        let tc = if a.model.is_some() {
+            // The baselines' optimizer (see --model).
+            TrainConfig { adamw: AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 }, schedule: Schedule::constant(2e-4), max_grad_norm: None }
+        } else {
+            TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-4), max_grad_norm: Some(1.0) }
+        };
         let head_budget = a.head_budget.unwrap_or(if ckpt == Checkpointing::Off { 512 << 20 } else { 64 << 20 });
         let mut trainer = GpuTrainer::new(&m, &lora, tc, RuntimeOptions { head_budget, checkpointing: ckpt })?;
         let (mut times, mut losses) = (Vec::new(), Vec::new());
         for i in 0..a.warmup + a.steps {
             let t = Instant::now();
-            let r = trainer.train_step(&m, &micro)?;
+            let r = trainer.train_step(&m, std::slice::from_ref(&micros[i % micros.len()]))?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             eprintln!("[{name}] step {i:>3}: loss {:.5} grad_norm {:.4} {:.1} ms", r.loss, r.grad_norm, ms);
             losses.push(r.loss);
@@ -396,12 +445,13 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
         let tokens_per_s = t as f64 / (step_ms / 1e3);
         let tflops = flops / (step_ms / 1e3) / 1e12;
         println!(
-            "qlora bench on {} ({} layers, batch {} x {}, LoRA r={} on 7 projections, {}, checkpointing {name})",
+            "qlora bench on {} ({} layers, batch {} x {}, LoRA r={} on {} projections, {}, checkpointing {name})",
             gpu.info().name,
             c.num_hidden_layers,
-            a.batch,
-            a.seq_len,
-            a.rank,
+            batch,
+            seq_len,
+            lora.config.r,
+            lora.config.targets.len(),
             dtype.name()
         );
         println!("  step (median of {}): {:.1} ms  ->  {:.0} tokens/s, {:.0} model TFLOP/s", times.len(), step_ms, tokens_per_s, tflops);
@@ -425,8 +475,9 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
     }
     if let Some(p) = &a.json {
         let j = serde_json::json!({
-            "device": gpu.info().name, "layers": c.num_hidden_layers, "batch": a.batch, "seq_len": a.seq_len,
-            "rank": a.rank, "dtype": dtype.name(), "warmup": a.warmup, "steps": a.steps,
+            "device": gpu.info().name, "layers": c.num_hidden_layers, "batch": batch, "seq_len": seq_len,
+            "rank": lora.config.r, "model": a.model.as_ref().map(|p| p.display().to_string()),
+            "adapter": a.adapter.as_ref().map(|p| p.display().to_string()), "batches": a.batches.as_ref().map(|p| p.display().to_string()), "dtype": dtype.name(), "warmup": a.warmup, "steps": a.steps,
             "model_flops_per_step": flops, "runs": runs,
         });
         fsdp::atomic::write(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
