@@ -24,26 +24,9 @@ use cudakit::Gpu;
 use fsdp::gpu::attention::{self as att, AttnBackward, AttnForward, Path, Tiling};
 use fsdp::gpu::{Dtype, GpuError};
 use fsdp::ops::attention::{attention_backward, attention_forward, AttnShape};
-use half::{bf16, f16};
 use nf4::testing::Rng;
 
 const POISON: u16 = 0xffff;
-
-fn to16(dt: Dtype, x: f32) -> u16 {
-    match dt {
-        Dtype::Bf16 => bf16::from_f32(x).to_bits(),
-        Dtype::F16 => f16::from_f32(x).to_bits(),
-        Dtype::F32 => unreachable!(),
-    }
-}
-
-fn from16(dt: Dtype, b: u16) -> f32 {
-    match dt {
-        Dtype::Bf16 => bf16::from_bits(b).to_f32(),
-        Dtype::F16 => f16::from_bits(b).to_f32(),
-        Dtype::F32 => unreachable!(),
-    }
-}
 
 /// Unit roundoff of the dtype.
 fn unit(dt: Dtype) -> f64 {
@@ -161,7 +144,7 @@ fn down<T: cudakit::cudarc::driver::DeviceRepr + Default + Clone>(gpu: &Gpu, x: 
 
 /// Columns [c0, c0 + w) of a `[rows, ld]` 16-bit matrix, as f32.
 fn cols(dt: Dtype, x: &[u16], ld: usize, c0: usize, w: usize) -> Vec<f32> {
-    x.chunks(ld).flat_map(|r| r[c0..c0 + w].iter().map(|&b| from16(dt, b))).collect()
+    x.chunks(ld).flat_map(|r| r[c0..c0 + w].iter().map(|&b| dt.from_bits16(b))).collect()
 }
 
 /// Every element outside columns [c0, c0 + w) of every row is still the poison.
@@ -185,14 +168,14 @@ fn run_case(gpu: &Gpu, c: &Case, path: Path, rng: &mut Rng) {
     let mut fused = vec![0u16; t * ld];
     for (i, x) in fused.iter_mut().enumerate() {
         let sd = if i % ld < qw { c.qscale } else { 1.0 };
-        *x = to16(dt, (rng.normal() * sd) as f32);
+        *x = dt.to_bits16((rng.normal() * sd) as f32);
     }
     let (q, k, v) = (cols(dt, &fused, ld, 0, qw), cols(dt, &fused, ld, qw, kw), cols(dt, &fused, ld, qw + kw, kw));
     let docs = match c.docs {
         Docs::None => None,
         Docs::Packed { avg } => Some(make_docs(rng, c.seqs, c.len, avg)),
     };
-    let dout16: Vec<u16> = (0..t * ldo).map(|_| to16(dt, rng.normal() as f32)).collect();
+    let dout16: Vec<u16> = (0..t * ldo).map(|_| dt.to_bits16(rng.normal() as f32)).collect();
     let dout = cols(dt, &dout16, ldo, 0, qw);
 
     let fused_d = up(gpu, &fused);

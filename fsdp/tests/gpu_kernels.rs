@@ -20,7 +20,6 @@ use cudakit::{Gpu, GpuError};
 use fsdp::gpu::kernels as k;
 use fsdp::gpu::Dtype;
 use fsdp::{ops, optim};
-use half::{bf16, f16};
 use nf4::testing::Rng;
 
 const DT16: [Dtype; 2] = [Dtype::Bf16, Dtype::F16];
@@ -32,39 +31,14 @@ const MODES: [&str; 5] = ["dense", "strided-aligned", "strided-odd", "offset-1",
 
 // ------------------------------------------------------------------ 16-bit helpers
 
-fn to16(d: Dtype, x: f32) -> u16 {
-    match d {
-        Dtype::Bf16 => bf16::from_f32(x).to_bits(),
-        Dtype::F16 => f16::from_f32(x).to_bits(),
-        Dtype::F32 => unreachable!(),
-    }
-}
-
-fn from16(d: Dtype, b: u16) -> f32 {
-    match d {
-        Dtype::Bf16 => bf16::from_bits(b).to_f32(),
-        Dtype::F16 => f16::from_bits(b).to_f32(),
-        Dtype::F32 => unreachable!(),
-    }
-}
-
-/// `x` rounded to `d` (identity for f32).
-fn round(d: Dtype, x: f32) -> f32 {
-    if d == Dtype::F32 {
-        x
-    } else {
-        from16(d, to16(d, x))
-    }
-}
-
 /// The spacing of `d` at `|x|` (f32's for f32).
 fn ulp(d: Dtype, x: f32) -> f32 {
     let a = x.abs();
     match d {
         Dtype::F32 => f32::from_bits(a.to_bits() + 1) - a,
         _ => {
-            let b = to16(d, a);
-            from16(d, b + 1) - from16(d, b)
+            let b = d.to_bits16(a);
+            d.from_bits16(b + 1) - d.from_bits16(b)
         }
     }
 }
@@ -72,19 +46,19 @@ fn ulp(d: Dtype, x: f32) -> f32 {
 fn encode(d: Dtype, x: f32, out: &mut [u8]) {
     match d {
         Dtype::F32 => out.copy_from_slice(&x.to_le_bytes()),
-        _ => out.copy_from_slice(&to16(d, x).to_le_bytes()),
+        _ => out.copy_from_slice(&d.to_bits16(x).to_le_bytes()),
     }
 }
 
 fn decode(d: Dtype, b: &[u8]) -> f32 {
     match d {
         Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        _ => from16(d, u16::from_le_bytes([b[0], b[1]])),
+        _ => d.from_bits16(u16::from_le_bytes([b[0], b[1]])),
     }
 }
 
 fn normals(r: &mut Rng, n: usize, scale: f64, d: Dtype) -> Vec<f32> {
-    (0..n).map(|_| round(d, (r.normal() * scale) as f32)).collect()
+    (0..n).map(|_| d.round((r.normal() * scale) as f32)).collect()
 }
 
 // ------------------------------------------------------------------ strided operands
@@ -294,7 +268,7 @@ fn rms_norm_forward_matches_cpu() {
                 {
                     for (mode, mode_name) in MODES.iter().enumerate() {
                         let x = normals(&mut r, rows * hidden, 1.5, x_dt);
-                        let w: Vec<f32> = (0..hidden).map(|_| round(dt, (1.0 + 0.2 * r.normal()) as f32)).collect();
+                        let w: Vec<f32> = (0..hidden).map(|_| dt.round((1.0 + 0.2 * r.normal()) as f32)).collect();
                         let (mut y, mut rs) = (vec![f32::NAN; rows * hidden], vec![f32::NAN; rows]);
                         ops::rms_norm_forward(&x, &w, eps, &mut y, &mut rs);
 
@@ -333,7 +307,7 @@ fn rms_norm_backward_matches_cpu() {
                         let accumulate = (rows + hidden + mode) % 2 == 0;
                         let x = normals(&mut r, rows * hidden, 1.5, x_dt);
                         let dy = normals(&mut r, rows * hidden, 1.0, dy_dt);
-                        let w: Vec<f32> = (0..hidden).map(|_| round(dt, (1.0 + 0.2 * r.normal()) as f32)).collect();
+                        let w: Vec<f32> = (0..hidden).map(|_| dt.round((1.0 + 0.2 * r.normal()) as f32)).collect();
                         let (mut y, mut rs) = (vec![f32::NAN; rows * hidden], vec![f32::NAN; rows]);
                         ops::rms_norm_forward(&x, &w, eps, &mut y, &mut rs);
                         let mut dx = vec![f32::NAN; rows * hidden];
@@ -431,7 +405,7 @@ fn rope_matches_cpu_exactly() {
                         let what = format!("rope {} inverse {inverse} {rows}x{heads}x{head_dim} {}", dt.name(), mode_name);
                         let got = xo.bits(&gpu, "x");
                         for (i, (&g, &c)) in got.iter().zip(&want).enumerate() {
-                            assert_eq!(g, to16(dt, c), "{what}: [{i}] = {}, CPU {c}", from16(dt, g));
+                            assert_eq!(g, dt.to_bits16(c), "{what}: [{i}] = {}, CPU {c}", dt.from_bits16(g));
                         }
                     }
                 }
@@ -447,7 +421,7 @@ fn gates(r: &mut Rng, n: usize, dt: Dtype) -> Vec<f32> {
     let mut g = normals(r, n, 3.0, dt);
     for (i, v) in [-100.0f32, 100.0, -20.0, 20.0, 0.0].into_iter().enumerate() {
         if i < n {
-            g[(i * 7919) % n] = round(dt, v);
+            g[(i * 7919) % n] = dt.round(v);
         }
     }
     g
@@ -574,12 +548,12 @@ fn cast_inputs(r: &mut Rng, d: Dtype, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| {
             if i % 3 == 0 && i / 3 < specials.len() {
-                return round(d, specials[i / 3]);
+                return d.round(specials[i / 3]);
             }
             loop {
                 let v = match d {
                     Dtype::F32 => f32::from_bits(r.next_u64() as u32),
-                    _ => from16(d, r.next_u64() as u16),
+                    _ => d.from_bits16(r.next_u64() as u16),
                 };
                 if !v.is_nan() {
                     return v;
@@ -607,7 +581,7 @@ fn cast_matches_half_exactly() {
                     let what = format!("cast {} -> {} {rows}x{cols} {}", s.name(), d.name(), mode_name);
                     let got = o.read(&gpu, "dst");
                     for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
-                        let want = round(d, v);
+                        let want = d.round(v);
                         assert_eq!(g.to_bits(), want.to_bits(), "{what}: [{i}] {v:e} -> {g:e}, half says {want:e}");
                     }
                 }

@@ -23,32 +23,8 @@ fn poison32() -> f32 {
     f32::from_bits(u32::MAX)
 }
 
-fn round(dt: Dtype, x: f32) -> f32 {
-    match dt {
-        Dtype::Bf16 => half::bf16::from_f32(x).to_f32(),
-        Dtype::F16 => half::f16::from_f32(x).to_f32(),
-        Dtype::F32 => x,
-    }
-}
-
-fn bits(dt: Dtype, x: f32) -> u16 {
-    match dt {
-        Dtype::Bf16 => half::bf16::from_f32(x).to_bits(),
-        Dtype::F16 => half::f16::from_f32(x).to_bits(),
-        Dtype::F32 => unreachable!("16-bit only"),
-    }
-}
-
-fn from_bits(dt: Dtype, b: u16) -> f32 {
-    match dt {
-        Dtype::Bf16 => half::bf16::from_bits(b).to_f32(),
-        Dtype::F16 => half::f16::from_bits(b).to_f32(),
-        Dtype::F32 => unreachable!("16-bit only"),
-    }
-}
-
 fn normals(rng: &mut Rng, dt: Dtype, n: usize, scale: f64) -> Vec<f32> {
-    (0..n).map(|_| round(dt, (rng.normal() * scale) as f32)).collect()
+    (0..n).map(|_| dt.round((rng.normal() * scale) as f32)).collect()
 }
 
 fn ptr<T>(gpu: &Gpu, s: &CudaSlice<T>) -> u64 {
@@ -193,10 +169,10 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     for &p in &adapted {
         let h = &host[p];
         a_off[p] = a_all.len();
-        a_all.extend(h.a.iter().map(|&v| bits(dt, v)));
+        a_all.extend(h.a.iter().map(|&v| dt.to_bits16(v)));
         a_all.extend(std::iter::repeat_n(POISON16, gap));
         b_off[p] = b_all.len();
-        b_all.extend(h.b.iter().map(|&v| bits(dt, v)));
+        b_all.extend(h.b.iter().map(|&v| dt.to_bits16(v)));
         da_off[p] = da0.len();
         da0.extend((0..h.r * inf).map(|_| rng.normal() as f32));
         da0.extend(std::iter::repeat_n(f32::NAN, gap));
@@ -213,7 +189,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     let (a_d, b_d) = (up(gpu, &a_all), up(gpu, &b_all));
     let (da_d, db_d) = (up(gpu, &da0), up(gpu, &db0));
     let bias_d: Vec<Option<CudaSlice<u16>>> =
-        host.iter().map(|h| h.bias.as_ref().map(|b| up(gpu, &b.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>()))).collect();
+        host.iter().map(|h| h.bias.as_ref().map(|b| up(gpu, &b.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>()))).collect();
 
     let parts: Vec<Part> = (0..c.outs.len())
         .map(|p| Part {
@@ -235,7 +211,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     assert_eq!(g.lora_rank_sum(), r_sum);
 
     let (ldx, ldy) = (inf + c.pad, o + c.pad);
-    let x_d = up(gpu, &strided(&x.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, inf, ldx, POISON16));
+    let x_d = up(gpu, &strided(&x.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, inf, ldx, POISON16));
     let mut xa_d = s.alloc_zeros::<u16>((rows * r_sum).max(1)).unwrap();
     poison(s, &mut xa_d).unwrap();
     // Without adapters xa is not used: pass null to check that it is allowed.
@@ -247,7 +223,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     // ---- forward ----
     let mut y0: Vec<f32> = if c.beta != 0.0 { (0..rows * o).map(|_| rng.normal() as f32).collect() } else { vec![0.0; rows * o] };
     if !c.y_f32 {
-        y0.iter_mut().for_each(|v| *v = from_bits(dt, bits(dt, *v)));
+        y0.iter_mut().for_each(|v| *v = dt.from_bits16(dt.to_bits16(*v)));
     }
     let (y_got, y_pad_ok): (Vec<f32>, bool) = if c.y_f32 {
         let mut y_d = if c.beta != 0.0 { up(gpu, &strided(&y0, rows, o, ldy, poison32())) } else { s.alloc_zeros::<f32>(rows * ldy).unwrap() };
@@ -262,7 +238,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
         let pad_ok = (0..rows).all(|r| v[r * ldy + o..(r + 1) * ldy].iter().all(|x| x.to_bits() == u32::MAX));
         ((0..rows).flat_map(|r| v[r * ldy..r * ldy + o].to_vec()).collect(), pad_ok)
     } else {
-        let mut y_d = up(gpu, &strided(&y0.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, o, ldy, POISON16));
+        let mut y_d = up(gpu, &strided(&y0.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, o, ldy, POISON16));
         if c.beta == 0.0 {
             poison(s, &mut y_d).unwrap();
         }
@@ -270,7 +246,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
             .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
         let v = down(gpu, &y_d);
         let pad_ok = (0..rows).all(|r| v[r * ldy + o..(r + 1) * ldy].iter().all(|&x| x == POISON16));
-        ((0..rows).flat_map(|r| v[r * ldy..r * ldy + o].iter().map(|&b| from_bits(dt, b)).collect::<Vec<_>>()).collect(), pad_ok)
+        ((0..rows).flat_map(|r| v[r * ldy..r * ldy + o].iter().map(|&b| dt.from_bits16(b)).collect::<Vec<_>>()).collect(), pad_ok)
     };
     assert!(y_pad_ok, "{what}: forward wrote into y's row padding");
 
@@ -300,20 +276,20 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     let tol16 = if dt == Dtype::Bf16 { 1e-2 } else { 2e-3 };
     assert_close(&format!("{what}: y"), &y_got, &y_ref, tol16);
     if r_sum > 0 {
-        let xa_got: Vec<f32> = down(gpu, &xa_d).iter().map(|&b| from_bits(dt, b)).collect();
+        let xa_got: Vec<f32> = down(gpu, &xa_d).iter().map(|&b| dt.from_bits16(b)).collect();
         assert_close(&format!("{what}: xa"), &xa_got, &xa_ref, tol16);
     }
 
     // ---- backward ----
     let lddy = o + c.pad;
     let lddx = inf + c.pad;
-    let dy_d = up(gpu, &strided(&dy.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, o, lddy, POISON16));
+    let dy_d = up(gpu, &strided(&dy.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, o, lddy, POISON16));
     let mut dx0: Vec<f32> = if c.dx_beta != 0.0 { (0..rows * inf).map(|_| rng.normal() as f32).collect() } else { vec![0.0; rows * inf] };
     let mut dx_d = up(gpu, &strided(&dx0, rows, inf, lddx, poison32()));
     // A 16-bit dx lives in the same bytes' first half: its own buffer.
-    let mut dx16_d = up(gpu, &strided(&dx0.iter().map(|&v| bits(dt, v)).collect::<Vec<_>>(), rows, inf, lddx, POISON16));
+    let mut dx16_d = up(gpu, &strided(&dx0.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, inf, lddx, POISON16));
     if c.dx16 {
-        dx0.iter_mut().for_each(|v| *v = from_bits(dt, bits(dt, *v)));
+        dx0.iter_mut().for_each(|v| *v = dt.from_bits16(dt.to_bits16(*v)));
     }
     if c.dx_beta == 0.0 {
         poison(s, &mut dx_d).unwrap();
@@ -344,7 +320,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     let dx_all: Vec<f32> = if c.dx16 {
         let v = down(gpu, &dx16_d);
         assert!((0..rows).all(|r| v[r * lddx + inf..(r + 1) * lddx].iter().all(|&x| x == POISON16)), "{what}: backward wrote into dx's row padding");
-        v.iter().map(|&b| from_bits(dt, b)).collect()
+        v.iter().map(|&b| dt.from_bits16(b)).collect()
     } else {
         let v = down(gpu, &dx_d);
         assert!((0..rows).all(|r| v[r * lddx + inf..(r + 1) * lddx].iter().all(|x| x.to_bits() == u32::MAX)), "{what}: backward wrote into dx's row padding");

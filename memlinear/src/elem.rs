@@ -30,6 +30,37 @@ impl Dtype {
             _ => None,
         }
     }
+    /// `x` rounded to this dtype (round to nearest even; `F32`: unchanged), as f32.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Dtype::F32 => x,
+            Dtype::F16 => <f16 as Elem>::round(x),
+            Dtype::Bf16 => <bf16 as Elem>::round(x),
+        }
+    }
+    /// `x` rounded to this 16-bit dtype, as its raw bits (what GPU kernels that treat
+    /// 16-bit values as `unsigned short` read and write).
+    ///
+    /// # Panics
+    /// For `F32`, which has no 16-bit encoding.
+    pub fn to_bits16(self, x: f32) -> u16 {
+        match self {
+            Dtype::F16 => f16::from_f32(x).to_bits(),
+            Dtype::Bf16 => bf16::from_f32(x).to_bits(),
+            Dtype::F32 => panic!("Dtype::to_bits16: f32 is not a 16-bit dtype"),
+        }
+    }
+    /// The value of raw 16-bit bits of this dtype.
+    ///
+    /// # Panics
+    /// For `F32`, which has no 16-bit encoding.
+    pub fn from_bits16(self, b: u16) -> f32 {
+        match self {
+            Dtype::F16 => f16::from_bits(b).to_f32(),
+            Dtype::Bf16 => bf16::from_bits(b).to_f32(),
+            Dtype::F32 => panic!("Dtype::from_bits16: f32 is not a 16-bit dtype"),
+        }
+    }
     /// Lower-case name.
     pub fn name(self) -> &'static str {
         match self {
@@ -79,5 +110,25 @@ impl Elem for bf16 {
     }
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sixteen_bit_encodings_round_to_nearest_even_and_round_trip() {
+        for dt in [Dtype::F16, Dtype::Bf16] {
+            for x in [0.0f32, -1.5, 3.14159, 1e-3, 65504.0, f32::INFINITY] {
+                let b = dt.to_bits16(x);
+                assert_eq!(dt.from_bits16(b), dt.round(x), "{} {x}", dt.name());
+                assert_eq!(dt.to_bits16(dt.from_bits16(b)), b);
+            }
+        }
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(Dtype::Bf16.round(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(Dtype::F32.round(0.1), 0.1);
+        assert!(std::panic::catch_unwind(|| Dtype::F32.to_bits16(1.0)).is_err());
     }
 }

@@ -114,13 +114,6 @@ fn alloc<T: cudakit::cudarc::driver::DeviceRepr + cudakit::cudarc::driver::Valid
     s.alloc_zeros::<T>(n.max(1)).map_err(gpu_err("cuMemAlloc"))
 }
 
-/// 16-bit values of `x` in `dt` (round to nearest even), as raw bits.
-fn to_bits(x: &[f32], dt: Dtype) -> Vec<u16> {
-    match dt {
-        Dtype::Bf16 => x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(),
-        _ => x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect(),
-    }
-}
 
 struct GpuLayer {
     input_norm: CudaSlice<u16>,
@@ -174,7 +167,7 @@ impl GpuModel {
         let mut bytes = 0usize;
         let mut up16 = |v: &[f32]| -> Result<CudaSlice<u16>> {
             bytes += v.len() * 2;
-            s.clone_htod(&to_bits(v, dtype)).map_err(gpu_err("cuMemcpyHtoD"))
+            s.clone_htod(&v.iter().map(|&x| dtype.to_bits16(x)).collect::<Vec<_>>()).map_err(gpu_err("cuMemcpyHtoD"))
         };
         let embed = up16(&model.embed)?;
         let lm_head = model.lm_head.as_deref().map(&mut up16).transpose()?;
