@@ -92,15 +92,12 @@ SHAPES = {
         "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     },
-    # For CPU smoke tests of this script's logic only.
-    "tiny": {
-        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
-        "vocab_size": 4096, "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    },
+}
+# For CPU smoke tests of this script's logic only: the same with small sizes.
+SHAPES["tiny"] = {
+    **SHAPES["llama-3.2-1b"],
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 4096,
 }
 
 

@@ -298,9 +298,7 @@ fn train(a: TrainArgs) -> AnyResult<()> {
             eprintln!("device: {} (sm_{}), {}", gpu.info().name, gpu.info().arch, dtype.name());
             let m = GpuModel::upload(&gpu, &model, dtype)?;
             drop(model);
-            let checkpointing: Checkpointing = a.checkpointing.into();
-            let head_budget = if checkpointing == Checkpointing::Off { 512 << 20 } else { 64 << 20 };
-            let o = RuntimeOptions { checkpointing, head_budget };
+            let o = RuntimeOptions::for_checkpointing(a.checkpointing.into());
             Engine::Gpu(Box::new(GpuTrainer::new(&m, &lora, config, o)?), m)
         }
     };
@@ -426,8 +424,12 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
         } else {
             TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-4), max_grad_norm: Some(1.0) }
         };
-        let head_budget = a.head_budget.unwrap_or(if ckpt == Checkpointing::Off { 512 << 20 } else { 64 << 20 });
-        let mut trainer = GpuTrainer::new(&m, &lora, tc, RuntimeOptions { head_budget, checkpointing: ckpt })?;
+        let mut options = RuntimeOptions::for_checkpointing(ckpt);
+        if let Some(b) = a.head_budget {
+            options.head_budget = b;
+        }
+        let head_budget = options.head_budget;
+        let mut trainer = GpuTrainer::new(&m, &lora, tc, options)?;
         let (mut times, mut losses) = (Vec::new(), Vec::new());
         for i in 0..a.warmup + a.steps {
             let t = Instant::now();

@@ -441,7 +441,17 @@ pub struct RuntimeOptions {
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        RuntimeOptions { head_budget: 512 << 20, checkpointing: Checkpointing::Off }
+        RuntimeOptions::for_checkpointing(Checkpointing::Off)
+    }
+}
+
+impl RuntimeOptions {
+    /// The defaults for a checkpointing mode: the LM head may use 512 MiB without
+    /// checkpointing, 64 MiB with it (the mode that saves memory saves it there too, at a
+    /// few ms per step).
+    pub fn for_checkpointing(checkpointing: Checkpointing) -> RuntimeOptions {
+        let head_budget = if checkpointing == Checkpointing::Off { 512 << 20 } else { 64 << 20 };
+        RuntimeOptions { head_budget, checkpointing }
     }
 }
 
