@@ -170,8 +170,8 @@ struct BenchArgs {
     /// Warm-up steps (not measured).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Bytes the LM head + loss may use for its logits chunks (default: 512 MiB without
-    /// checkpointing, 64 MiB with: the mode that saves memory saves it there too).
+    /// Bytes the LM head + loss may use for its logits chunks (default: 512 MiB; the head
+    /// shares that memory with the MLP's buffers, which are dead while it runs).
     #[arg(long)]
     head_budget: Option<usize>,
     /// Activation checkpointing modes to measure, comma-separated (one model, one run each).
@@ -180,6 +180,11 @@ struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the measured steps, run a few more with CUDA events around the phases
+    /// (forward, LM head, backward, optimizer) and print where the time went, with the
+    /// host's time to queue each phase and the GPU's idle time (not part of the step times).
+    #[arg(long)]
+    phases: bool,
     /// A Hugging Face model folder instead of random weights (NF4 at load). With
     /// --adapter and --batches, reproduces another tool's run step by step: AdamW lr 2e-4,
     /// betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping (what
@@ -192,6 +197,30 @@ struct BenchArgs {
     /// The batches as JSON `[step][row][token]` (one per step; warm-up + measured steps of them).
     #[arg(long, requires = "model")]
     batches: Option<PathBuf>,
+}
+
+/// `bench --phases`: five more steps with the phase events on; prints and returns the
+/// medians (ms).
+fn profile_phases(trainer: &mut GpuTrainer, m: &GpuModel, micros: &[MicroBatch], name: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    trainer.options.profile = true;
+    let mut cols: [Vec<f64>; 7] = Default::default();
+    for i in 0..5 {
+        let t = Instant::now();
+        trainer.train_step(m, std::slice::from_ref(&micros[i % micros.len()]))?;
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        let p = trainer.phase_times()?.expect("profile is on");
+        for (c, v) in cols.iter_mut().zip([wall, p.forward_ms, p.head_ms, p.backward_ms, p.optimizer_ms, p.host_forward_ms, p.host_backward_ms]) {
+            c.push(v);
+        }
+    }
+    trainer.options.profile = false;
+    let [wall, fwd, head, bwd, opt, hf, hb] = cols.map(|mut c| cudakit::timing::median(&mut c));
+    let idle = wall - fwd - head - bwd - opt;
+    eprintln!(
+        "[{name}] phases (median of 5, ms): step {wall:.1} = forward {fwd:.1} + head {head:.1} + backward {bwd:.1} + optimizer {opt:.1} + GPU idle {idle:.1}; host queued the forward in {hf:.1}, the backward in {hb:.1}"
+    );
+    Ok(serde_json::json!({"step_ms": wall, "forward_ms": fwd, "head_ms": head, "backward_ms": bwd, "optimizer_ms": opt,
+                          "gpu_idle_ms": idle, "host_forward_ms": hf, "host_backward_ms": hb}))
 }
 
 fn main() {
@@ -442,6 +471,7 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
             }
         }
         let step_ms = cudakit::timing::median(&mut times.clone());
+        let phases = if a.phases { Some(profile_phases(&mut trainer, &m, &micros, &name)?) } else { None };
         let mem = trainer.memory(&m);
         let (free, total) = cudakit::cudarc::driver::result::mem_get_info().map_err(|e| format!("cuMemGetInfo: {e}"))?;
         let tokens_per_s = t as f64 / (step_ms / 1e3);
@@ -469,7 +499,7 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
         );
         runs.push(serde_json::json!({
             "checkpointing": name, "step_ms_median": step_ms, "step_ms": times, "tokens_per_s": tokens_per_s,
-            "model_tflops": tflops, "losses": losses, "head_budget": head_budget,
+            "model_tflops": tflops, "losses": losses, "head_budget": head_budget, "phases": phases,
             "memory": {"total": mem.total(), "weights": mem.weights, "adapters": mem.adapters, "activations": mem.activations,
                        "scratch": mem.scratch, "host_pinned": mem.host, "device_in_use": total - free},
         }));

@@ -445,9 +445,7 @@ pub unsafe fn forward(
     if r == 0 {
         return Ok(());
     }
-    let a = stacked_a(g, scratch + lay.a as u64, stream)?;
-    // xa^T [R, rows] = A [R, in] x^T.
-    blas.gemm("linear forward: xa = x A^T", Op::T, Op::N, r, rows, inf, 1.0, Mat::new(a, dt, inf), Mat::new(x, dt, ldx), 0.0, Mat::new(xa, dt, r))?;
+    adapter_input(blas, g, rows, x, ldx, xa, r, scratch + lay.a as u64, stream)?;
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
         if let Some(l) = p.lora {
@@ -473,6 +471,47 @@ pub unsafe fn forward(
         base(1.0)?;
     }
     Ok(())
+}
+
+/// Only the adapters' input products of [`forward`]: `xa [rows, R] = x A_p^T` per adapted
+/// part, without the base GEMM, the dequantization or `y`. For a recomputed forward whose
+/// output nobody reads (activation checkpointing recomputes the last projection of a
+/// layer only for what its backward needs: `xa`). Does nothing when `R == 0`.
+///
+/// # Safety
+/// As [`forward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward_adapter_input(
+    blas: &Blas,
+    g: &Group,
+    rows: usize,
+    x: u64,
+    ldx: usize,
+    xa: u64,
+    scratch: u64,
+    scratch_bytes: usize,
+    stream: CUstream,
+) -> Result<(), GpuError> {
+    let (_, r) = check_group(g, rows, false)?;
+    check_ld("ldx", ldx, g.in_features)?;
+    if r == 0 {
+        return Ok(());
+    }
+    if x == 0 || xa == 0 {
+        return Err(invalid(if x == 0 { "x" } else { "xa" }, "is a null pointer"));
+    }
+    let lay = check_common(blas, g, rows, scratch, scratch_bytes, stream)?;
+    adapter_input(blas, g, rows, x, ldx, xa, r, scratch + lay.a as u64, stream)
+}
+
+/// `xa [rows, R] = x A^T` over the stacked `A` (copied to `a_scratch` when the parts' `A`
+/// are not contiguous).
+#[allow(clippy::too_many_arguments)]
+unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, xa: u64, r: usize, a_scratch: u64, stream: CUstream) -> Result<(), GpuError> {
+    let dt = blas_dtype(g.dtype);
+    let a = stacked_a(g, a_scratch, stream)?;
+    // xa^T [R, rows] = A [R, in] x^T.
+    blas.gemm("linear forward: xa = x A^T", Op::T, Op::N, r, rows, g.in_features, 1.0, Mat::new(a, dt, g.in_features), Mat::new(x, dt, ldx), 0.0, Mat::new(xa, dt, r))
 }
 
 /// Backward of group `g` over `rows` rows, with `x` and `xa` as given to / written by

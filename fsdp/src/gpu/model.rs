@@ -38,10 +38,17 @@
 //! just before its backward (one layer's activations live at a time); `Offload` also moves
 //! the layer inputs to pinned host memory during the forward and prefetches them back
 //! during the backward, on a second stream ordered by events, so the copies overlap
-//! compute.
+//! compute. The recomputation stops short of the layer's output: `down`'s base and adapter
+//! GEMMs are skipped (only its adapter input `a A^T` is recomputed), and the backward
+//! reuses the SwiGLU product it left in `act`.
 //!
 //! Every buffer is allocated once for the largest batch seen and reused; the
-//! [`Memory`] report counts them.
+//! [`Memory`] report counts them. Buffers whose lifetimes never overlap share memory: the
+//! LM head's workspace lives in the MLP's `act | dact (| gate|up)` allocation, dead while
+//! the head runs; the attention backward's workspace in `dn`.
+//!
+//! With [`RuntimeOptions::profile`], CUDA events around the phases say where a step's
+//! time went ([`GpuTrainer::phase_times`]; `qlora bench --phases`).
 
 use cudakit::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudakit::Gpu;
@@ -340,8 +347,8 @@ struct Saved {
     /// `x + o_proj(o)`, `[T, H]`.
     h: CudaSlice<u16>,
     r2: CudaSlice<f32>,
-    /// `gate|up`, `[T, 2I]`.
-    gu: CudaSlice<u16>,
+    /// `gate|up`, `[T, 2I]` (`Off`; with checkpointing it lives in [`Buffers::mlp`]).
+    gu: Option<CudaSlice<u16>>,
     /// `x A^T` of each group's adapters.
     xa: [CudaSlice<u16>; 4],
 }
@@ -392,6 +399,8 @@ enum Inputs {
 /// Buffers for batches of up to `tokens` tokens.
 struct Buffers {
     tokens: usize,
+    /// Intermediate size (for [`MlpArena`]).
+    inter: usize,
     mode: Checkpointing,
     /// One per layer (`Off`), or one reused by every layer.
     saved: Vec<Saved>,
@@ -400,9 +409,12 @@ struct Buffers {
     /// A norm's output inside a layer; between the layers' forward and backward, the
     /// final norm's output (the LM head's input).
     n: CudaSlice<u16>,
-    act: CudaSlice<u16>,
-    /// d(SwiGLU product), `[T, I]`.
-    dact: CudaSlice<u16>,
+    /// One allocation shared by two lifetimes that never overlap. Inside a layer: the
+    /// SwiGLU product `act [T, I]`, its gradient `dact [T, I]` and, with checkpointing,
+    /// the layer's `gate|up [T, 2I]` (see [`MlpArena`]). Between the last layer's forward
+    /// and the first backward, none of those is live: the LM head + loss use it as their
+    /// workspace. So the head's budget costs only what exceeds the MLP's buffers.
+    mlp: CudaSlice<u8>,
     rstd_tmp: CudaSlice<f32>,
     dres: CudaSlice<f32>,
     /// f32 `[T, H]`: the embedding's output at the start of the forward; a norm's input
@@ -415,7 +427,8 @@ struct Buffers {
     do16: CudaSlice<u16>,
     dqkv: CudaSlice<u16>,
     linear_scratch: CudaSlice<u8>,
-    head_ws: CudaSlice<u8>,
+    /// Bytes of [`Buffers::mlp`] the head may use.
+    head_ws_bytes: usize,
     head_chunk: usize,
     ids: CudaSlice<u32>,
     docs: CudaSlice<u32>,
@@ -430,6 +443,30 @@ struct Buffers {
     host_bytes: usize,
 }
 
+/// Where `act`, `dact` and (with checkpointing) `gate|up` sit in [`Buffers::mlp`]:
+/// `[act | dact | gate|up]`, each 256-byte aligned.
+struct MlpArena {
+    dact: usize,
+    gu: usize,
+    total: usize,
+}
+
+impl MlpArena {
+    fn new(tokens: usize, inter: usize, gate_up: bool) -> MlpArena {
+        let up = |b: usize| b.div_ceil(256) * 256;
+        let a = up(tokens * inter * 2);
+        let gu = 2 * a;
+        MlpArena { dact: a, gu, total: gu + if gate_up { up(tokens * 2 * inter * 2) } else { 0 } }
+    }
+
+    /// `(gate|up in the arena (meaningful with checkpointing), act, dact)`.
+    fn addrs(bufs: &mut Buffers, s: &CudaStream) -> (u64, u64, u64) {
+        let lay = MlpArena::new(bufs.tokens, bufs.inter, false);
+        let base = addr_mut(&mut bufs.mlp, s);
+        (base + lay.gu as u64, base, base + lay.dact as u64)
+    }
+}
+
 /// Options of the GPU runtime.
 #[derive(Clone, Copy, Debug)]
 pub struct RuntimeOptions {
@@ -437,6 +474,52 @@ pub struct RuntimeOptions {
     pub head_budget: usize,
     /// Activation checkpointing.
     pub checkpointing: Checkpointing,
+    /// Record CUDA events around the phases of each micro-step and optimizer step (see
+    /// [`GpuTrainer::phase_times`]). Off by default: the events cost a little.
+    pub profile: bool,
+}
+
+/// Where the last micro-step and optimizer step spent their time ([`RuntimeOptions::profile`]):
+/// GPU time between CUDA events, and the host's time to queue each phase. When the host's
+/// time to queue a phase comes close to the GPU's time for it, the GPU waited on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Embedding, every layer's forward and the final norm (GPU, ms).
+    pub forward_ms: f64,
+    /// LM head + loss, forward and backward (GPU, ms).
+    pub head_ms: f64,
+    /// Every layer's backward, with its recomputation under checkpointing (GPU, ms).
+    pub backward_ms: f64,
+    /// Gradient norm, clipping, AdamW, 16-bit copies (GPU, ms).
+    pub optimizer_ms: f64,
+    /// Host time to queue the forward (ms).
+    pub host_forward_ms: f64,
+    /// Host time to queue the backward (ms).
+    pub host_backward_ms: f64,
+}
+
+/// The events of one profiled step.
+#[derive(Default)]
+struct PhaseEvents {
+    marks: Vec<(&'static str, cudakit::cudarc::driver::CudaEvent)>,
+    host_forward_ms: f64,
+    host_backward_ms: f64,
+}
+
+impl PhaseEvents {
+    fn mark(&mut self, name: &'static str, s: &CudaStream) -> Result<()> {
+        let ev = s.record_event(Some(cudakit::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(gpu_err("cuEventRecord"))?;
+        self.marks.retain(|(n, _)| *n != name);
+        self.marks.push((name, ev));
+        Ok(())
+    }
+    fn between(&self, a: &str, b: &str) -> Result<f64> {
+        let find = |n: &str| self.marks.iter().find(|(m, _)| *m == n).map(|(_, e)| e);
+        match (find(a), find(b)) {
+            (Some(x), Some(y)) => Ok(x.elapsed_ms(y).map_err(gpu_err("cuEventElapsedTime"))? as f64),
+            _ => Ok(0.0),
+        }
+    }
 }
 
 impl Default for RuntimeOptions {
@@ -446,12 +529,13 @@ impl Default for RuntimeOptions {
 }
 
 impl RuntimeOptions {
-    /// The defaults for a checkpointing mode: the LM head may use 512 MiB without
-    /// checkpointing, 64 MiB with it (the mode that saves memory saves it there too, at a
-    /// few ms per step).
+    /// The defaults for a checkpointing mode: the LM head may use 512 MiB in every mode.
+    /// Its workspace shares one allocation with the MLP's buffers (`act`, `dact`, and with
+    /// checkpointing `gate|up`), which are dead while the head runs, so it costs only what
+    /// exceeds them: with checkpointing at the Llama-3.2-1B shape and 8192 tokens, nothing.
     pub fn for_checkpointing(checkpointing: Checkpointing) -> RuntimeOptions {
-        let head_budget = if checkpointing == Checkpointing::Off { 512 << 20 } else { 64 << 20 };
-        RuntimeOptions { head_budget, checkpointing }
+        let head_budget = 512 << 20;
+        RuntimeOptions { head_budget, checkpointing, profile: false }
     }
 }
 
@@ -467,6 +551,7 @@ pub struct GpuTrainer {
     pub options: RuntimeOptions,
     blas: cudakit::blas::Blas,
     bufs: Option<Buffers>,
+    phases: PhaseEvents,
 }
 
 /// The LoRA references of one projection (16-bit copies and f32 gradients).
@@ -547,7 +632,31 @@ impl GpuTrainer {
         gpu.bind()?;
         let blas = cudakit::blas::Blas::on(gpu, 32 << 20)?;
         let lora = GpuLora::upload(gpu, &model.config, lora, model.dtype)?;
-        Ok(GpuTrainer { lora, config, step: 0, options, blas, bufs: None })
+        Ok(GpuTrainer { lora, config, step: 0, options, blas, bufs: None, phases: PhaseEvents::default() })
+    }
+
+    /// The phase times of the last micro-step and optimizer step, when
+    /// [`RuntimeOptions::profile`] is on (`None` otherwise). Waits for them to finish.
+    pub fn phase_times(&self) -> Result<Option<PhaseTimes>> {
+        if !self.options.profile {
+            return Ok(None);
+        }
+        let p = &self.phases;
+        Ok(Some(PhaseTimes {
+            forward_ms: p.between("start", "forward")?,
+            head_ms: p.between("forward", "head")?,
+            backward_ms: p.between("head", "backward")?,
+            optimizer_ms: p.between("optimizer start", "optimizer")?,
+            host_forward_ms: p.host_forward_ms,
+            host_backward_ms: p.host_backward_ms,
+        }))
+    }
+
+    fn mark(&mut self, name: &'static str, s: &CudaStream) -> Result<()> {
+        if self.options.profile {
+            self.phases.mark(name, s)?;
+        }
+        Ok(())
     }
 
     /// Bytes held, by kind (after the first step has sized the buffers).
@@ -580,7 +689,7 @@ impl GpuTrainer {
                 lse: alloc(s, t * k.nh, a)?,
                 h: alloc(s, t * k.hd, a)?,
                 r2: alloc(s, t, a)?,
-                gu: alloc(s, t * 2 * k.inter, a)?,
+                gu: if mode == Checkpointing::Off { Some(alloc(s, t * 2 * k.inter, a)?) } else { None },
                 xa: [
                     alloc(s, t * rsum(GROUPS[0]), a)?,
                     alloc(s, t * rsum(GROUPS[1]), a)?,
@@ -631,15 +740,16 @@ impl GpuTrainer {
             .ok_or_else(|| Error::arg("head_budget", format!("{budget} bytes cannot hold even one token's logits")))?;
         let head_chunk = balanced_chunk(max_chunk, t);
         let head_ws_bytes = layout(t, k.hd, c.vocab_size, m.dtype, head_chunk, n_).total;
+        let arena = MlpArena::new(t, k.inter, mode != Checkpointing::Off);
         self.bufs = Some(Buffers {
             tokens: t,
+            inter: k.inter,
             mode,
             saved,
             inputs,
             last_rstd,
             n: alloc(s, t * k.hd, x)?,
-            act: alloc(s, t * k.inter, x)?,
-            dact: alloc(s, t * k.inter, x)?,
+            mlp: alloc(s, arena.total.max(head_ws_bytes), x)?,
             rstd_tmp: alloc(s, t, x)?,
             dres: alloc(s, t * k.hd, x)?,
             dn: alloc(s, (t * k.hd * 4).max(attention::backward_workspace_bytes(&shape)), x)?,
@@ -647,7 +757,7 @@ impl GpuTrainer {
             do16: alloc(s, t * k.nq, x)?,
             dqkv: alloc(s, t * k.w, x)?,
             linear_scratch: alloc(s, lin, x)?,
-            head_ws: alloc(s, head_ws_bytes, x)?,
+            head_ws_bytes,
             head_chunk,
             ids: alloc(s, t, x)?,
             docs: alloc(s, t, x)?,
@@ -695,6 +805,8 @@ impl GpuTrainer {
         // SAFETY: every address used below comes from a buffer sized for `b.tokens()`
         // tokens by `ensure_buffers`, in this device's context; all compute runs on its one
         // stream, and the offload copies are ordered against it with events.
+        let host = std::time::Instant::now();
+        self.mark("start", &s)?;
         unsafe {
             let x0 = self.input_for_write(0, &s)?;
             let bufs = self.bufs.as_mut().expect("sized");
@@ -706,14 +818,17 @@ impl GpuTrainer {
                 let x = self.input_for_read(l, &s)?;
                 let out = self.input_for_write(l + 1, &s)?;
                 let slot = if self.options.checkpointing == Checkpointing::Off { l } else { 0 };
-                self.layer_forward(m, &k, &shape, b.docs.is_some(), l, slot, x, out, &s)?;
+                self.layer_forward(m, &k, &shape, b.docs.is_some(), l, slot, x, out, false, &s)?;
                 self.offload_input(l, &s)?;
             }
             let last = self.input_for_read_unchecked(nl, &s);
             let bufs = self.bufs.as_mut().expect("sized");
             let (lr, hidden) = (addr_mut(&mut bufs.last_rstd, &s), addr_mut(&mut bufs.n, &s));
             kernels::rms_norm_forward(k.dt, k.dt, last, k.hd, addr(&m.norm, &s), k.t, k.hd, k.eps, hidden, k.hd, lr, s.cu_stream())?;
+            self.mark("forward", &s)?;
+            self.phases.host_forward_ms = host.elapsed().as_secs_f64() * 1e3;
             let loss = self.head(m, b, normalizer)?;
+            let host = std::time::Instant::now();
             let bufs = self.bufs.as_mut().expect("sized");
             let dres = addr_mut(&mut bufs.dres, &s);
             kernels::rms_norm_backward(k.dt, k.dt, k.dt, addr(&bufs.dy16, &s), k.hd, last, k.hd, addr(&m.norm, &s), addr(&bufs.last_rstd, &s), k.t, k.hd, dres, k.hd, false, s.cu_stream())?;
@@ -722,19 +837,19 @@ impl GpuTrainer {
                     self.prefetch_input(l - 1, &s)?;
                 }
                 let x = self.input_for_read(l, &s)?;
-                let slot = if self.options.checkpointing == Checkpointing::Off {
-                    l
-                } else {
-                    // Recompute the layer (its output goes to a scratch nobody reads).
-                    let sink = addr_mut(&mut self.bufs.as_mut().expect("sized").dy16, &s);
-                    self.layer_forward(m, &k, &shape, b.docs.is_some(), l, 0, x, sink, &s)?;
-                    0
-                };
-                self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, &s)?;
+                let recomputed = self.options.checkpointing != Checkpointing::Off;
+                if recomputed {
+                    // Recompute the layer up to what its backward reads (not its output).
+                    self.layer_forward(m, &k, &shape, b.docs.is_some(), l, 0, x, 0, true, &s)?;
+                }
+                let slot = if recomputed { 0 } else { l };
+                self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, recomputed, &s)?;
                 self.release_input(l)?;
             }
             // dres is now the gradient of the frozen embedding's output: nothing to train there.
             self.finish_offload(&s)?;
+            self.mark("backward", &s)?;
+            self.phases.host_backward_ms = host.elapsed().as_secs_f64() * 1e3;
             Ok(loss)
         }
     }
@@ -859,20 +974,25 @@ impl GpuTrainer {
     }
 
     /// One layer's forward from input `x` into output `out` (16-bit `[T, H]`), keeping its
-    /// activations in `saved[slot]`.
+    /// activations in `saved[slot]`. `recompute`: the checkpointed backward's recomputation,
+    /// which needs the saved activations, the SwiGLU product `act` and `down`'s adapter
+    /// input `x A^T` but not the output: `down`'s base and adapter GEMMs are skipped (`out`
+    /// is not written and may be 0).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn layer_forward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, out: u64, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+    unsafe fn layer_forward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, out: u64, recompute: bool, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let st = s.cu_stream();
         let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
         let bufs = self.bufs.as_mut().expect("sized");
-        let (n, act) = (addr_mut(&mut bufs.n, s), addr_mut(&mut bufs.act, s));
+        let n = addr_mut(&mut bufs.n, s);
+        let (gu_arena, act, _) = MlpArena::addrs(bufs, s);
         let (ls, lsb) = (addr_mut(&mut bufs.linear_scratch, s), bufs.linear_scratch.len());
         let (cos, sin) = (addr(&bufs.cos, s), addr(&bufs.sin, s));
         let docs = if has_docs { addr(&bufs.docs, s) } else { 0 };
         let wl = &m.layers[l];
         let sv = &mut bufs.saved[slot];
         let (r1, qkv, o, lse) = (addr_mut(&mut sv.r1, s), addr_mut(&mut sv.qkv, s), addr_mut(&mut sv.o, s), addr_mut(&mut sv.lse, s));
-        let (h, r2, gu) = (addr_mut(&mut sv.h, s), addr_mut(&mut sv.r2, s), addr_mut(&mut sv.gu, s));
+        let (h, r2) = (addr_mut(&mut sv.h, s), addr_mut(&mut sv.r2, s));
+        let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let [xa0, xa1, xa2, xa3] = &mut sv.xa;
         let xa = [addr_mut(xa0, s), addr_mut(xa1, s), addr_mut(xa2, s), addr_mut(xa3, s)];
         let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
@@ -890,8 +1010,12 @@ impl GpuTrainer {
         kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, hd, r2, st)?;
         linear::forward(&self.blas, &group(2, hd), t, n, hd, gu, 2 * inter, dt, 0.0, xa[2], ls, lsb, st)?;
         kernels::swiglu_forward(dt, gu, 2 * inter, gu + Dims::col(inter), 2 * inter, act, inter, t, inter, st)?;
-        memcpy_d2d(out, h, t * hd * 2, st)?;
-        linear::forward(&self.blas, &group(3, inter), t, act, inter, out, hd, dt, 1.0, xa[3], ls, lsb, st)?;
+        if recompute {
+            linear::forward_adapter_input(&self.blas, &group(3, inter), t, act, inter, xa[3], ls, lsb, st)?;
+        } else {
+            memcpy_d2d(out, h, t * hd * 2, st)?;
+            linear::forward(&self.blas, &group(3, inter), t, act, inter, out, hd, dt, 1.0, xa[3], ls, lsb, st)?;
+        }
         Ok(())
     }
 
@@ -924,22 +1048,26 @@ impl GpuTrainer {
             db: 0,
             accumulate: false,
         };
-        let (ws, wsb) = (addr_mut(&mut bufs.head_ws, &s), bufs.head_ws.len());
+        let (ws, wsb) = (addr_mut(&mut bufs.mlp, &s), bufs.head_ws_bytes);
         memlinear::gpu::run_raw(head_loss(), &p, Reduction::Mean(Some(normalizer)), &o, bufs.head_chunk.min(t), ws, wsb, s.cu_stream())?;
         let mut loss = [0f32];
         s.memcpy_dtoh(&bufs.loss, &mut loss).map_err(gpu_err("cuMemcpyDtoH"))?;
+        self.mark("head", &s)?;
         s.synchronize().map_err(gpu_err("cuStreamSynchronize"))?;
         Ok(loss[0] as f64)
     }
 
     /// One layer's backward from `dres` (the gradient of its output, f32, updated in place
     /// to the gradient of its input), with its activations in `saved[slot]` and input `x`.
+    /// `act_ready`: the SwiGLU product is still in `act` (a recomputed forward just wrote
+    /// it), so it is not recomputed again.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn layer_backward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+    unsafe fn layer_backward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, act_ready: bool, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let st = s.cu_stream();
         let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
         let bufs = self.bufs.as_mut().expect("sized");
-        let (n, act, dact) = (addr_mut(&mut bufs.n, s), addr_mut(&mut bufs.act, s), addr_mut(&mut bufs.dact, s));
+        let n = addr_mut(&mut bufs.n, s);
+        let (gu_arena, act, dact) = MlpArena::addrs(bufs, s);
         let (dres, dn, dy16) = (addr_mut(&mut bufs.dres, s), addr_mut(&mut bufs.dn, s), addr_mut(&mut bufs.dy16, s));
         let (do16, dqkv) = (addr_mut(&mut bufs.do16, s), addr_mut(&mut bufs.dqkv, s));
         // A recomputed norm's rstd (equal to the saved one) goes here, not over it.
@@ -951,7 +1079,8 @@ impl GpuTrainer {
         let wl = &m.layers[l];
         let sv = &mut bufs.saved[slot];
         let (r1, qkv, o, lse) = (addr(&sv.r1, s), addr(&sv.qkv, s), addr(&sv.o, s), addr(&sv.lse, s));
-        let (h, r2, gu) = (addr(&sv.h, s), addr(&sv.r2, s), addr_mut(&mut sv.gu, s));
+        let (h, r2) = (addr(&sv.h, s), addr(&sv.r2, s));
+        let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let xa = [addr(&sv.xa[0], s), addr(&sv.xa[1], s), addr(&sv.xa[2], s), addr(&sv.xa[3], s)];
         let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
         let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
@@ -959,7 +1088,9 @@ impl GpuTrainer {
         // down_proj (its input, the SwiGLU product, recomputed)
         kernels::cast(Dtype::F32, dres, hd, dt, dy16, hd, t, hd, st)?;
         let up = gu + Dims::col(inter);
-        kernels::swiglu_forward(dt, gu, 2 * inter, up, 2 * inter, act, inter, t, inter, st)?;
+        if !act_ready {
+            kernels::swiglu_forward(dt, gu, 2 * inter, up, 2 * inter, act, inter, t, inter, st)?;
+        }
         linear::backward(&self.blas, &group(3, inter), t, act, inter, xa[3], dy16, hd, dact, inter, dt, 0.0, ls, lsb, st)?;
         // SwiGLU, in place over gate|up
         kernels::swiglu_backward(dt, dact, inter, gu, 2 * inter, up, 2 * inter, gu, 2 * inter, up, 2 * inter, t, inter, st)?;
@@ -1017,6 +1148,7 @@ impl GpuTrainer {
     fn optimizer_step(&mut self, m: &GpuModel) -> Result<f64> {
         let gpu = m.gpu().clone();
         let s = gpu.stream();
+        self.mark("optimizer start", s)?;
         let st = s.cu_stream();
         let bufs = self.bufs.as_mut().expect("a micro-step ran");
         s.memset_zeros(&mut bufs.norm_acc).map_err(gpu_err("cuMemsetD8"))?;
@@ -1043,6 +1175,7 @@ impl GpuTrainer {
         let mut sumsq = [0f64];
         s.memcpy_dtoh(&bufs.norm_acc, &mut sumsq).map_err(gpu_err("cuMemcpyDtoH"))?;
         self.lora.refresh_copies(&gpu, m.dtype)?;
+        self.mark("optimizer", s)?;
         s.synchronize().map_err(gpu_err("cuStreamSynchronize"))?;
         Ok(sumsq[0].sqrt())
     }

@@ -159,8 +159,40 @@ fn checkpointing_and_offload_match_no_checkpointing() {
             assert!(e < 2e-3, "{mode:?}: gradient {name}: relative L2 {e:.2e}");
         }
         assert!(m.activations < m0.activations, "{mode:?}: {} activation bytes, no less than without checkpointing ({})", m.activations, m0.activations);
+        assert!(m.total() < m0.total(), "{mode:?}: {} bytes held, no less than without checkpointing ({})", m.total(), m0.total());
         if mode == Checkpointing::Offload {
             assert!(m.host > 0);
         }
+    }
+}
+
+/// Phase events: none unless asked for; when on, every phase took GPU time, the forward's
+/// queueing was timed, and the step's result is the same as without them.
+#[test]
+fn phase_times_only_when_asked_and_harmless() {
+    let Some(gpu) = gpu_or_skip("gpu_model_phases") else { return };
+    let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
+    let c = config(GPU_LLAMA);
+    let seed = nf4::testing::Rng::fresh("gpu_model_phases").next_u64();
+    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
+    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
+    let mut r = Rng::new(seed ^ 9);
+    let micro = vec![MicroBatch::next_token(batch(&mut r, c.vocab_size, 2, 37))];
+    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let run = |profile: bool| {
+        let o = RuntimeOptions { profile, ..Default::default() };
+        let mut g = GpuTrainer::new(&gm, &lora, train_config(), o).unwrap();
+        let rep = g.train_step(&gm, &micro).unwrap();
+        (rep.loss, rep.grad_norm, g.phase_times().unwrap())
+    };
+    let (l0, n0, none) = run(false);
+    assert!(none.is_none());
+    let (l1, n1, some) = run(true);
+    // The loss is deterministic; the gradient norm's f64 atomics sum in block order.
+    assert_eq!(l1, l0, "the events changed the step's loss");
+    assert!((n1 - n0).abs() <= 1e-12 * n0, "grad norm {n1} vs {n0}");
+    let p = some.expect("profile on");
+    for (name, v) in [("forward", p.forward_ms), ("head", p.head_ms), ("backward", p.backward_ms), ("optimizer", p.optimizer_ms), ("host forward", p.host_forward_ms)] {
+        assert!(v > 0.0 && v.is_finite(), "{name}: {v} ms");
     }
 }
