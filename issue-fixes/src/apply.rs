@@ -308,6 +308,26 @@ pub fn undo_series(repo_path: &Path, branch: &str, previous: &str) -> Result<(),
     Ok(())
 }
 
+/// Writes the files of `branch`'s tip into `dest` (emptied first), without touching the
+/// checkout's working tree, index or HEAD: the patched source a fix's checks run in, whatever
+/// branch the checkout has out.
+pub fn export_branch(repo_path: &Path, branch: &str, dest: &Path) -> Result<(), ApplyError> {
+    let repo = Repository::open(repo_path).map_err(git(format!("opening {}", repo_path.display())))?;
+    let tip = repo
+        .find_branch(branch, git2::BranchType::Local)
+        .and_then(|b| b.get().peel_to_commit())
+        .map_err(git(format!("reading branch {branch}")))?;
+    let io = |source| ApplyError::Io { path: dest.display().to_string(), source };
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(io)?;
+    }
+    std::fs::create_dir_all(dest).map_err(io)?;
+    let mut co = git2::build::CheckoutBuilder::new();
+    co.force().target_dir(dest);
+    repo.checkout_tree(tip.as_object(), Some(&mut co)).map_err(git(format!("writing {branch}'s files to {}", dest.display())))?;
+    Ok(())
+}
+
 /// Makes a git repository from an extracted release: one commit, tagged [`RELEASE_TAG`], that
 /// every series starts from. Unless `dest` already is one: then only tags its first commit when
 /// an older version of this function left it untagged.

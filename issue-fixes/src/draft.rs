@@ -1,11 +1,14 @@
 //! The PR text for a bounty's patch series.
 
 use crate::apply::Patch;
+use crate::verify::{Outcome, Report};
 use crate::{Bounty, Package, PINNED};
 
-/// Title and body of the draft PR. `verification` is the fix's own evidence (how it was
-/// checked, with numbers), read from `issue-fixes/patches/<slug>/VERIFICATION.md`.
-pub fn pr_text(b: &Bounty, patches: &[Patch], verification: &str) -> (String, String) {
+/// Title and body of the draft PR. The body's "How it was verified" is written from
+/// `report` (what ran now with its numbers, what was read from a recorded GPU run with its
+/// card, what was skipped and why), followed by `details`: the fix's own account of its
+/// verification, read from `issue-fixes/patches/<slug>/VERIFICATION.md`.
+pub fn pr_text(b: &Bounty, patches: &[Patch], report: &Report, details: &str) -> (String, String) {
     let title = match patches {
         [one] => one.subject().to_string(),
         _ => {
@@ -34,9 +37,24 @@ pub fn pr_text(b: &Bounty, patches: &[Patch], verification: &str) -> (String, St
         }
     }
     body += "\n## How it was verified\n\n";
-    body += verification.trim();
-    body += &format!("\n\n## Checklist\n\n- [x] Based on {} ", b.repo.pypi());
+    body += &report.markdown();
+    if !details.trim().is_empty() {
+        body += "\n### Details\n\n";
+        body += details.trim();
+        body += "\n";
+    }
+    let count = |o: Outcome| report.records.iter().filter(|r| r.outcome == o).count();
+    let (passed, skipped) = (count(Outcome::Passed), count(Outcome::Skipped));
+    let verified = report.ready() && skipped == 0 && passed > 0;
+    body += &format!("\n## Checklist\n\n- [x] Based on {} ", b.repo.pypi());
     body += PINNED;
-    body += "\n- [x] ruff-formatted, 100 columns, license headers kept\n- [x] Tests included\n- [ ] Reviewed by a maintainer\n";
+    body += "\n- [x] ruff-formatted, 100 columns, license headers kept\n- [x] Tests included\n";
+    body += &format!(
+        "- [{}] Every declared check passed ({passed} passed, {} failed, {skipped} skipped{})\n",
+        if verified { "x" } else { " " },
+        count(Outcome::Failed),
+        if report.no_verify { "; --no-verify" } else { "" }
+    );
+    body += "- [ ] Reviewed by a maintainer\n";
     (title, body)
 }

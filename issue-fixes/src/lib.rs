@@ -3,14 +3,15 @@
 //! Every entry names its upstream issues and PRs and a status, and backs the status with
 //! [`Evidence`]: a file of the pinned release ([`PINNED`]) that must contain a given text.
 //! `cargo xtask pr --verify-upstream` downloads the pinned wheels, runs every check
-//! ([`verify`]) and writes the outcome to `issue-fixes/upstream-<version>.json`, which is
+//! ([`verify()`]) and writes the outcome to `issue-fixes/upstream-<version>.json`, which is
 //! committed; a test holds the registry to it, so a status can only change together with
 //! its evidence. What a wheel cannot show (notebooks, installers) is said in `open`, not
 //! checked.
 //!
 //! [`apply`] applies a bounty's patch series to an upstream checkout with git2 (clean
 //! checkout required, whole series checked before anything is written, one commit per
-//! patch) and [`draft`] writes the PR text; `cargo xtask pr <slug>` drives both.
+//! patch), [`mod@verify`] runs the series' checks and [`draft`] writes the PR text from their
+//! records; `cargo xtask pr <slug>` drives all three.
 //! [`submit`] publishes the branch to the user's fork and opens a draft PR
 //! (`cargo xtask pr <slug> --submit`): octocrab over rustls, GitHub's Git Data API
 //! instead of a git push (no OpenSSL), the token in a [`token::Token`] that never prints,
@@ -24,11 +25,12 @@
 //! | [`series`] | a local branch's commits as file changes, and the base they need |
 //! | [`submit`] | fork, publish (blobs, trees, commits, ref), draft PR; dry run |
 //! | [`token`] | the GitHub token, printed as `***`, scrubbed from every text |
+//! | [`verify`](mod@verify) | a series' checks (`verify.json`): CPU checks run here, GPU checks run here or read from a recorded device run |
 //!
-//! Patch series live in `issue-fixes/patches/<slug>/`, each with the GPU run that verified
-//! it (`VERIFICATION.md`; its scripts in `issue-fixes/verify/`). A bounty's [`Bounty::repo`]
-//! says which upstream repository its series goes to. Not built yet: running a fix's
-//! verification from `cargo xtask pr`.
+//! Patch series live in `issue-fixes/patches/<slug>/`, each with its checks (`verify.json`,
+//! run by `cargo xtask pr <slug>` before it drafts the PR) and the story of the GPU run that
+//! verified it (`VERIFICATION.md`; scripts and recorded runs in `issue-fixes/verify/`). A
+//! bounty's [`Bounty::repo`] says which upstream repository its series goes to.
 //!
 //! ```
 //! let open: Vec<_> = issue_fixes::registry().iter().filter(|b| b.status != issue_fixes::Status::Solved).collect();
@@ -41,6 +43,7 @@ pub mod draft;
 pub mod series;
 pub mod submit;
 pub mod token;
+pub mod verify;
 
 use std::path::Path;
 

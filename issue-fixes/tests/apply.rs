@@ -170,7 +170,12 @@ fn pr_draft_text() {
     series(&root.join("patches"), &[PATCH_1, PATCH_2]);
     let patches = read_series(&root.join("patches")).unwrap();
     let b = issue_fixes::find("vlm-data-collator").unwrap();
-    let (title, body) = issue_fixes::draft::pr_text(b, &patches, "Measured on an H100: ...");
+    let (title, body) = issue_fixes::draft::pr_text(b, &patches, &no_checks(), "Measured on an H100: ...");
     insta::assert_snapshot!("draft", format!("# {title}\n\n{body}"));
     let _ = std::fs::remove_dir_all(root);
+}
+
+/// A report with no check in it (the draft's verification records are tested in verify.rs).
+fn no_checks() -> issue_fixes::verify::Report {
+    issue_fixes::verify::Report { manifest: "verify.json".into(), machine: "test".into(), no_verify: false, records: vec![], device_commands: vec![] }
 }

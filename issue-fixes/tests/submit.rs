@@ -87,7 +87,7 @@ fn fixture(name: &str) -> Fixture {
     cfg.request_timeout = Duration::from_secs(10);
     cfg.fork_polls = 5;
     cfg.fork_poll = Duration::from_millis(10);
-    let (title, body) = issue_fixes::draft::pr_text(issue_fixes::find("attention-refactor").unwrap(), &patches, "Measured on an H100: ...");
+    let (title, body) = issue_fixes::draft::pr_text(issue_fixes::find("attention-refactor").unwrap(), &patches, &no_checks(), "Measured on an H100: ...");
     Fixture { root, series, mock, cfg, pr: PrText { title, body }, token: Token::new(TOKEN).unwrap() }
 }
 
@@ -405,4 +405,9 @@ fn a_bad_api_base_is_a_clear_error() {
     let e = f.submit().0.unwrap_err();
     assert!(matches!(e, SubmitError::Client { .. }), "{e}");
     assert!(e.to_string().contains("`not a url` is not a URI"), "{e}");
+}
+
+/// A report with no check in it (the draft's verification records are tested in verify.rs).
+fn no_checks() -> issue_fixes::verify::Report {
+    issue_fixes::verify::Report { manifest: "verify.json".into(), machine: "test".into(), no_verify: false, records: vec![], device_commands: vec![] }
 }

@@ -43,7 +43,8 @@ Commands:
       offloaded checkpointing and HF+peft+bitsandbytes with checkpointing, JSON in
       $OUT/fsdp/.
 
-  pr [--list | --verify-upstream | SLUG [--upstream PATH] [--submit [--dry-run] [--base BRANCH] [--api URL]]]
+  pr [--list | --verify-upstream | SLUG [--upstream PATH] [--no-verify] [--gpu-results DIR] [--python PATH]
+      [--submit [--dry-run] [--base BRANCH] [--api URL]]]   (more: cargo xtask pr --help)
       The Unsloth bounties (issue-fixes crate). --list (default): each one's status in the
       pinned release and what is open. --verify-upstream: download unsloth and unsloth_zoo
       at the pinned version from PyPI, run every evidence check, write
@@ -51,8 +52,9 @@ Commands:
       SLUG: apply issue-fixes/patches/SLUG/*.patch with git2 on branch fix/<issue>-SLUG of
       the upstream checkout (--upstream PATH, which must be clean and at the pinned
       version, or a repository made from the pinned wheels under target/), one commit per
-      patch, and draft the PR into target/pr/SLUG/. Run again, it reuses a branch that
-      already holds the series. No series is written yet (each needs a GPU run to verify).
+      patch, run the checks in its verify.json (CPU checks here, GPU checks here or read
+      from a recorded device run; a failed check stops it), and draft the PR into
+      target/pr/SLUG/. Run again, it reuses a branch that already holds the series.
       --submit (never without it): with GITHUB_TOKEN, fork unslothai/unsloth (or
       unsloth-zoo, for a series under unsloth_zoo/) if you have no fork, publish the
       branch to it through GitHub's Git Data API (blobs, trees, commits, ref; on top of
