@@ -18,7 +18,9 @@
 //!   already dequantized weight;
 //! - the LoRA GEMMs one kind at a time (second table);
 //! - `fwd` / `bwd`: the whole call; `fwd no-LoRA` / `bwd no-LoRA`: the same group without
-//!   adapters (dequant + base GEMM + call overhead). LoRA = full - no-LoRA.
+//!   adapters (dequant + base GEMM + call overhead). LoRA = full - no-LoRA;
+//! - the whole calls again with LoRA dropout (`--dropout P`, default 0.1) on every part
+//!   (third table): its cost over the same calls without dropout.
 
 use std::error::Error;
 
@@ -26,6 +28,7 @@ use cudakit::blas::{Blas, DataType, Mat, Op};
 use cudakit::timing::{median, time_us};
 use cudakit::Gpu;
 use cudarc::driver::{CudaSlice, DevicePtr};
+use fsdp::dropout::Dropout;
 use fsdp::gpu::linear::{self, Group, LoraRef, Nf4Ref, Part};
 use fsdp::gpu::Dtype;
 use nf4::testing::Rng;
@@ -67,6 +70,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rows: usize = arg(&args, "--rows").map_or(Ok(8192), |v| v.parse())?;
     let rank: usize = arg(&args, "--rank").map_or(Ok(16), |v| v.parse())?;
+    let dropout: f64 = arg(&args, "--dropout").map_or(Ok(0.1), |v| v.parse())?;
     let (warmup, reps) = (3, 20);
     let gpu = Gpu::open(0)?;
     let blas = Blas::on(&gpu, 32 << 20)?;
@@ -80,6 +84,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     let mut results = Vec::new();
     let mut lora_rows = Vec::new();
+    let mut dropout_rows = Vec::new();
     for spec in &GROUPS {
         let (inf, o) = (spec.inf, spec.outs.iter().sum::<usize>());
         let r_sum = rank * spec.outs.len();
@@ -109,7 +114,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         let y = if spec.y_f32 { s.alloc_zeros::<u8>(rows * o * 4)? } else { s.alloc_zeros::<u8>(rows * o * 2)? };
         let dx = s.alloc_zeros::<f32>(rows * inf)?;
         let xa = s.alloc_zeros::<half::bf16>(rows * r_sum)?;
-        let parts_of = |c: usize, lora: bool| -> Vec<Part> {
+        let parts_of = |c: usize, lora: bool, drop: bool| -> Vec<Part> {
             let mut col = 0;
             spec.outs
                 .iter()
@@ -122,15 +127,18 @@ fn main() -> Result<(), Box<dyn Error>> {
                         scale: 2.0,
                         da: ptr(&gpu, &da) + (p * rank * inf * 4) as u64,
                         db: ptr(&gpu, &db) + (col * rank * 4) as u64,
+                        dropout: drop.then_some(Dropout { p: dropout, seed: 1000 + p as u64 }),
                     };
                     col += out;
                     Part { weight: Nf4Ref { weight: &qs[c][p] }, out_features: out, bias: 0, lora: lora.then_some(l) }
                 })
                 .collect()
         };
-        let full: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, true)).collect();
-        let bare: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, false)).collect();
-        let sb = linear::scratch_bytes(&Group { parts: &full[0], in_features: inf, dtype: Dtype::Bf16 }, rows);
+        let full: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, true, false)).collect();
+        let bare: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, false, false)).collect();
+        let dropped: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, true, true)).collect();
+        // The largest need: with dropout (the calls without use a prefix of it).
+        let sb = linear::scratch_bytes(&Group { parts: &dropped[0], in_features: inf, dtype: Dtype::Bf16 }, rows);
         let scratch = s.alloc_zeros::<u8>(sb)?;
         let (scr, yp, dxp, xap) = (ptr(&gpu, &scratch), ptr(&gpu, &y), ptr(&gpu, &dx), ptr(&gpu, &xa));
         let (y_dt, beta) = if spec.y_f32 { (Dtype::F32, 1.0) } else { (Dtype::Bf16, 0.0) };
@@ -175,6 +183,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         let fwd_bare = t(&mut |i| fwd_call(&bare, i))?;
         let bwd = t(&mut |i| bwd_call(&full, i))?;
         let bwd_bare = t(&mut |i| bwd_call(&bare, i))?;
+        let (fwd_drop, bwd_drop) = if dropout > 0.0 { (t(&mut |i| fwd_call(&dropped, i))?, t(&mut |i| bwd_call(&dropped, i))?) } else { (fwd, bwd) };
+        dropout_rows.push(format!("{:<8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}", spec.name, fwd, fwd_drop, fwd_drop - fwd, bwd, bwd_drop, bwd_drop - bwd));
         // The LoRA GEMMs one kind at a time, as `linear` issues them (contiguous adapters).
         let gbuf = s.alloc_zeros::<half::bf16>(rows * r_sum)?;
         let gp = ptr(gpu, &gbuf);
@@ -242,6 +252,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "y": if spec.y_f32 { "f32 accumulate" } else { "bf16" },
             "us": { "dequant": dequant, "gemm_fwd": gemm_fwd, "fwd": fwd, "fwd_no_lora": fwd_bare, "lora_fwd": fwd - fwd_bare,
                     "gemm_bwd": gemm_bwd, "bwd": bwd, "bwd_no_lora": bwd_bare, "lora_bwd": bwd - bwd_bare },
+            "dropout": { "p": dropout, "fwd_us": fwd_drop, "bwd_us": bwd_drop, "fwd_extra_us": fwd_drop - fwd, "bwd_extra_us": bwd_drop - bwd },
             "lora_gemms_us": { "fwd_xa": l_xa, "fwd_up": l_up, "bwd_g": l_g, "bwd_dx": l_dxa, "bwd_db": l_db, "bwd_da": l_da },
             "base_gemm_tflops": { "fwd": tf(gemm_fwd), "bwd": tf(gemm_bwd) },
             "base_flops_per_direction": flops,
@@ -250,6 +261,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("LoRA GEMMs alone (us): fwd xa = x A^T, fwd y += s xa B^T (all parts); bwd g = s dy B (all parts), dx += g A, dB (all parts), dA");
     println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "xa", "up", "g", "dx+=gA", "dB", "dA");
     for r in &lora_rows {
+        println!("{r}");
+    }
+    println!("LoRA dropout {dropout} on every part (us): the whole calls with and without it");
+    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "fwd", "fwd drop", "extra", "bwd", "bwd drop", "extra");
+    for r in &dropout_rows {
         println!("{r}");
     }
     let v = serde_json::json!({ "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "results": results });

@@ -167,6 +167,7 @@ fn dump(dir: &Path, v: &Variant) -> Result<(), Box<dyn Error>> {
         adamw: AdamWConfig { betas: BETAS, eps: EPS, weight_decay: WEIGHT_DECAY },
         schedule: Schedule::constant(LR),
         max_grad_norm: Some(MAX_GRAD_NORM),
+        dropout_seed: 0,
     };
     let mut trainer = Trainer::new(lora, train)?;
     let (loss0, targets) = trainer.accumulate(&model, &micro)?;

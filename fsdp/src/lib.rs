@@ -14,6 +14,7 @@
 //! | [`model`] | the decoder's schedule: forward, LM head + cross-entropy through `memlinear`, backward to every LoRA tensor |
 //! | [`weights`], [`hf`] | HF names and shapes; model folders (single file or sharded; bf16/f16/f32 or bitsandbytes 4-bit); NF4 at load |
 //! | [`lora`], [`peft`] | adapters (PEFT's default init, seeded per tensor) and PEFT's file format |
+//! | [`dropout`] | LoRA dropout masks: one counter-based hash on the CPU and the GPU, seeded per micro-step, layer and projection |
 //! | [`optim`], [`train`] | AdamW, warm-up + linear/cosine decay, global-norm clipping, gradient accumulation |
 //! | [`batch`] | micro-batches: positions, packed documents, next-token targets |
 //! | [`data`] | JSONL (`input_ids`, or `text` through a `tokenizer.json`) packed into rows with document ids |
@@ -37,9 +38,12 @@
 //!   contract, so the GPU kernel's saved state can be compared with this one's.
 //! - **The LM head never materialises `tokens x vocab`**: it goes through
 //!   `memlinear::cpu::run` (frozen head: no dW).
+//! - **LoRA dropout draws the same masks on the CPU and the GPU**: a counter-based hash of
+//!   (seed, element index) ([`dropout`]), seeded per (step, micro-batch, layer, projection),
+//!   so the GPU's training step is tested against the CPU's with dropout on. Only training
+//!   drops: [`Llama::forward`] and [`Llama::loss`] are the evaluation forward.
 //!
-//! Not implemented yet: LoRA dropout (training refuses a non-zero value; the forward is the
-//! evaluation forward), sliding-window attention beyond the window (refused), rsLoRA/DoRA,
+//! Not implemented yet: sliding-window attention beyond the window (refused), rsLoRA/DoRA,
 //! sharding across GPUs.
 //!
 //! Parity with transformers + peft + bitsandbytes (same NF4 bytes, loss, LoRA gradients,
@@ -61,7 +65,7 @@
 //! )?;
 //! let model = Llama::random(config.clone(), 0, &BaseFormat::default())?; // NF4 projections
 //! let lora = Lora::init(&config, LoraConfig::new(8, 16.0), 0)?;            // all 7 projections
-//! let train = TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-2), max_grad_norm: Some(1.0) };
+//! let train = TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-2), max_grad_norm: Some(1.0), dropout_seed: 0 };
 //! let mut trainer = Trainer::new(lora, train)?;
 //!
 //! // two packed documents in one sequence of 8 tokens
@@ -85,6 +89,7 @@ pub mod atomic;
 pub mod batch;
 pub mod config;
 pub mod data;
+pub mod dropout;
 mod error;
 pub mod gpu;
 pub mod hf;

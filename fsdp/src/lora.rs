@@ -24,9 +24,9 @@ pub struct LoraConfig {
     pub r: usize,
     /// `lora_alpha`; the update is scaled by `alpha / r`.
     pub alpha: f64,
-    /// Dropout on the adapter's input, as recorded in `adapter_config.json`. Not
-    /// implemented: the forward never applies it (evaluation behaviour), and
-    /// [`crate::train::Trainer`] refuses to train with a non-zero value.
+    /// Dropout on the adapter's input (PEFT's `lora_dropout`, recorded in
+    /// `adapter_config.json`), in `[0, 1)`: applied by training steps only, with the masks
+    /// of [`crate::dropout`]; evaluation forwards never drop.
     pub dropout: f64,
     /// The targeted projections, in [`Proj::ALL`] order, no repeats.
     pub targets: Vec<Proj>,

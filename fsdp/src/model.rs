@@ -12,9 +12,13 @@
 //! runtime will replace the calls into [`crate::ops`] one by one, layer by layer, with
 //! kernels of the same signatures; this file is the schedule they plug into.
 //!
-//! Not implemented yet: LoRA dropout (must be 0), activation checkpointing (the forward
-//! keeps every layer's activations), sliding-window attention for sequences longer than
-//! the window (refused).
+//! LoRA dropout ([`crate::dropout`]) is a training-time thing: [`Llama::forward_train`] and
+//! [`Llama::step`] take the micro-step's [`StepDropout`] (each projection of each layer
+//! draws its own mask from it, and the backward regenerates the same masks);
+//! [`Llama::forward`] and [`Llama::loss`] never drop (evaluation).
+//!
+//! Not implemented yet: activation checkpointing (the forward keeps every layer's
+//! activations), sliding-window attention for sequences longer than the window (refused).
 
 use std::collections::HashMap;
 
@@ -22,6 +26,7 @@ use memlinear::{losses, Head, Options, Problem, Reduction};
 
 use crate::batch::{Batch, IGNORE_INDEX};
 use crate::config::Config;
+use crate::dropout::{Dropout, StepDropout};
 use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::ops::{self, Adapter, AdapterGrads, AttnShape, Frozen, Rope};
@@ -88,6 +93,8 @@ pub struct Activations {
     last_rstd: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The LoRA dropout of the forward (the backward regenerates its masks).
+    dropout: Option<StepDropout>,
 }
 
 /// Loss and bookkeeping of one micro-batch's forward + backward.
@@ -171,27 +178,36 @@ impl Llama {
     }
 
     /// One projection's forward: returns `(y, xa)`.
-    fn proj_forward(&self, layer: usize, p: Proj, x: &[f32], lora: &Lora) -> (Vec<f32>, Vec<f32>) {
+    fn proj_forward(&self, layer: usize, p: Proj, x: &[f32], lora: &Lora, dropout: Option<&StepDropout>) -> (Vec<f32>, Vec<f32>) {
         let lin = &self.layers[layer].proj[p.index()];
         let rows = x.len() / lin.in_features;
         let mut y = vec![0f32; rows * lin.out_features];
-        let xa = ops::lora_linear_forward(x, &frozen(lin), adapter(lora, layer, p).as_ref(), &mut y);
+        let mask = mask(dropout, layer, p);
+        let xa = ops::lora_linear_forward(x, &frozen(lin), adapter(lora, layer, p).as_ref(), mask.as_ref(), &mut y);
         (y, xa)
     }
 
     /// One projection's backward: adds its input gradient into `dx` and its adapter's
     /// gradients into `grads`.
     #[allow(clippy::too_many_arguments)]
-    fn proj_backward(&self, layer: usize, p: Proj, dy: &[f32], x: &[f32], xa: &[f32], lora: &Lora, grads: &mut Lora, dx: &mut [f32]) {
+    fn proj_backward(&self, layer: usize, p: Proj, dy: &[f32], x: &[f32], xa: &[f32], lora: &Lora, dropout: Option<&StepDropout>, grads: &mut Lora, dx: &mut [f32]) {
         let lin = &self.layers[layer].proj[p.index()];
         let mut d = vec![0f32; x.len()];
         let g = grads.get_mut(layer, p).map(|pair| AdapterGrads { da: &mut pair.a, db: &mut pair.b });
-        ops::lora_linear_backward(dy, x, xa, &frozen(lin), adapter(lora, layer, p).as_ref(), Some(&mut d), g);
+        let mask = mask(dropout, layer, p);
+        ops::lora_linear_backward(dy, x, xa, &frozen(lin), adapter(lora, layer, p).as_ref(), mask.as_ref(), Some(&mut d), g);
         add(dx, &d);
     }
 
-    /// The forward pass up to the final norm.
+    /// The forward pass up to the final norm, as in evaluation: no LoRA dropout.
     pub fn forward(&self, lora: &Lora, b: &Batch) -> Result<Activations> {
+        self.forward_train(lora, b, None)
+    }
+
+    /// The forward pass up to the final norm with the LoRA dropout of one training
+    /// micro-step (`None`: none, as [`Llama::forward`]). [`Llama::backward`] regenerates the
+    /// same masks.
+    pub fn forward_train(&self, lora: &Lora, b: &Batch, dropout: Option<StepDropout>) -> Result<Activations> {
         self.check_batch(b)?;
         self.check_lora(lora)?;
         let c = &self.config;
@@ -207,7 +223,7 @@ impl Llama {
             let (mut n1, mut r1) = (vec![0f32; t * hd], vec![0f32; t]);
             ops::rms_norm_forward(&x, &w.input_norm, eps, &mut n1, &mut r1);
             let mut run = |p: Proj, input: &[f32]| {
-                let (y, a) = self.proj_forward(l, p, input, lora);
+                let (y, a) = self.proj_forward(l, p, input, lora, dropout.as_ref());
                 xa[p.index()] = a;
                 y
             };
@@ -230,7 +246,7 @@ impl Llama {
         }
         let (mut hidden, mut last_rstd) = (vec![0f32; t * hd], vec![0f32; t]);
         ops::rms_norm_forward(&x, &self.norm, eps, &mut hidden, &mut last_rstd);
-        Ok(Activations { hidden, layers, last: x, last_rstd, cos, sin })
+        Ok(Activations { hidden, layers, last: x, last_rstd, cos, sin, dropout })
     }
 
     /// The backward pass from `dhidden` (the gradient of the final hidden states): adds the
@@ -246,30 +262,31 @@ impl Llama {
             return Err(Error::arg("dhidden", format!("{} values, expected tokens x hidden = {}", dhidden.len(), t * hd)));
         }
         let shape = self.attn_shape(b);
+        let drop = acts.dropout.as_ref();
         let mut dx = vec![0f32; t * hd];
         ops::rms_norm_backward(dhidden, &acts.last, &self.norm, &acts.last_rstd, &mut dx, None);
         for (l, (w, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
             // dx is d/d(layer output); the residual carries it to h and to x.
             let mut dact = vec![0f32; a.act.len()];
-            self.proj_backward(l, Proj::Down, &dx, &a.act, &a.xa[Proj::Down.index()], lora, grads, &mut dact);
+            self.proj_backward(l, Proj::Down, &dx, &a.act, &a.xa[Proj::Down.index()], lora, drop, grads, &mut dact);
             let (mut dgate, mut dup) = (vec![0f32; a.gate.len()], vec![0f32; a.up.len()]);
             ops::swiglu_backward(&dact, &a.gate, &a.up, &mut dgate, &mut dup);
             let mut dn2 = vec![0f32; t * hd];
-            self.proj_backward(l, Proj::Gate, &dgate, &a.n2, &a.xa[Proj::Gate.index()], lora, grads, &mut dn2);
-            self.proj_backward(l, Proj::Up, &dup, &a.n2, &a.xa[Proj::Up.index()], lora, grads, &mut dn2);
+            self.proj_backward(l, Proj::Gate, &dgate, &a.n2, &a.xa[Proj::Gate.index()], lora, drop, grads, &mut dn2);
+            self.proj_backward(l, Proj::Up, &dup, &a.n2, &a.xa[Proj::Up.index()], lora, drop, grads, &mut dn2);
             let mut dh = vec![0f32; t * hd];
             ops::rms_norm_backward(&dn2, &a.h, &w.post_norm, &a.r2, &mut dh, None);
             add(&mut dh, &dx);
             let mut dattn = vec![0f32; a.attn.len()];
-            self.proj_backward(l, Proj::O, &dh, &a.attn, &a.xa[Proj::O.index()], lora, grads, &mut dattn);
+            self.proj_backward(l, Proj::O, &dh, &a.attn, &a.xa[Proj::O.index()], lora, drop, grads, &mut dattn);
             let (mut dq, mut dk, mut dv) = (vec![0f32; a.q.len()], vec![0f32; a.k.len()], vec![0f32; a.v.len()]);
             ops::attention_backward(&shape, &a.q, &a.k, &a.v, b.docs.as_deref(), &a.attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
             ops::rope_backward(&mut dq, c.head_dim, &acts.cos, &acts.sin);
             ops::rope_backward(&mut dk, c.head_dim, &acts.cos, &acts.sin);
             let mut dn1 = vec![0f32; t * hd];
-            self.proj_backward(l, Proj::Q, &dq, &a.n1, &a.xa[Proj::Q.index()], lora, grads, &mut dn1);
-            self.proj_backward(l, Proj::K, &dk, &a.n1, &a.xa[Proj::K.index()], lora, grads, &mut dn1);
-            self.proj_backward(l, Proj::V, &dv, &a.n1, &a.xa[Proj::V.index()], lora, grads, &mut dn1);
+            self.proj_backward(l, Proj::Q, &dq, &a.n1, &a.xa[Proj::Q.index()], lora, drop, grads, &mut dn1);
+            self.proj_backward(l, Proj::K, &dk, &a.n1, &a.xa[Proj::K.index()], lora, drop, grads, &mut dn1);
+            self.proj_backward(l, Proj::V, &dv, &a.n1, &a.xa[Proj::V.index()], lora, drop, grads, &mut dn1);
             ops::rms_norm_backward(&dn1, &a.x, &w.input_norm, &a.r1, &mut dx, None);
             add(&mut dx, &dh);
         }
@@ -303,9 +320,10 @@ impl Llama {
     }
 
     /// Forward, loss and backward of one micro-batch: adds the LoRA gradients of
-    /// `loss = sum(token losses) / normalizer` into `grads`.
-    pub fn step(&self, lora: &Lora, b: &Batch, targets: &[i64], normalizer: f64, grads: &mut Lora) -> Result<StepOutput> {
-        let acts = self.forward(lora, b)?;
+    /// `loss = sum(token losses) / normalizer` into `grads`, with the LoRA dropout of this
+    /// micro-step (`None`: none).
+    pub fn step(&self, lora: &Lora, b: &Batch, targets: &[i64], normalizer: f64, dropout: Option<StepDropout>, grads: &mut Lora) -> Result<StepOutput> {
+        let acts = self.forward_train(lora, b, dropout)?;
         let (loss, dhidden, counted) = self.head_loss(&acts.hidden, targets, normalizer, true)?;
         let dhidden = dhidden.expect("memlinear returns dx when asked");
         self.backward(lora, b, &acts, &dhidden, grads)?;
@@ -319,6 +337,11 @@ fn frozen(lin: &Linear) -> Frozen<'_> {
 
 fn adapter(lora: &Lora, layer: usize, p: Proj) -> Option<Adapter<'_>> {
     lora.get(layer, p).map(|pair| Adapter { a: &pair.a, b: &pair.b, r: lora.config.r, scale: lora.config.scale() })
+}
+
+/// One projection's mask of the micro-step's dropout (`None` without dropout or `p = 0`).
+fn mask(dropout: Option<&StepDropout>, layer: usize, p: Proj) -> Option<Dropout> {
+    dropout.and_then(|d| d.mask(layer, p))
 }
 
 fn add(dst: &mut [f32], src: &[f32]) {

@@ -6,8 +6,13 @@
 //! the accumulated gradient equal to the gradient of the whole batch's mean loss, however
 //! the batch is split: the rule a sharded run needs too (each rank passes the count over
 //! all ranks).
+//!
+//! LoRA dropout (`lora.config.dropout > 0`) draws new masks for every micro-batch: the
+//! seeds are [`StepDropout::new`]`(p, dropout_seed, step, micro)`, `micro` the
+//! micro-batch's index within the optimizer step, the same function the GPU trainer uses.
 
 use crate::batch::{count_targets, Batch};
+use crate::dropout::StepDropout;
 use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::model::Llama;
@@ -39,6 +44,9 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Clip the global gradient norm to this (`None`: no clipping).
     pub max_grad_norm: Option<f64>,
+    /// The run's seed of the LoRA dropout masks (see [`crate::dropout`]); unused when the
+    /// adapters' dropout is 0.
+    pub dropout_seed: u64,
 }
 
 /// What one optimizer step did.
@@ -72,11 +80,9 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A trainer for `lora`. LoRA dropout is not implemented: a non-zero dropout is refused.
+    /// A trainer for `lora` (with its `dropout`, applied in training steps only).
     pub fn new(lora: Lora, config: TrainConfig) -> Result<Trainer> {
-        if lora.config.dropout != 0.0 {
-            return Err(Error::arg("lora.dropout", format!("{}: LoRA dropout is not implemented yet, train with 0", lora.config.dropout)));
-        }
+        lora.config.validate()?;
         Ok(Trainer { grads: lora.zeros_like(), opt: AdamW::new(config.adamw, &lora), lora, config, step: 0 })
     }
 
@@ -89,10 +95,17 @@ impl Trainer {
         }
         self.grads.zero();
         let mut loss = 0.0;
-        for m in micro {
-            loss += model.step(&self.lora, &m.batch, &m.targets, total as f64, &mut self.grads)?.loss;
+        for (i, m) in micro.iter().enumerate() {
+            let dropout = self.dropout(i);
+            loss += model.step(&self.lora, &m.batch, &m.targets, total as f64, dropout, &mut self.grads)?.loss;
         }
         Ok((loss, total))
+    }
+
+    /// The LoRA dropout of micro-batch `micro` of the current step (`None` when the
+    /// adapters' dropout is 0).
+    pub fn dropout(&self, micro: usize) -> Option<StepDropout> {
+        StepDropout::new(self.lora.config.dropout, self.config.dropout_seed, self.step, micro as u64)
     }
 
     /// One optimizer step: accumulate, clip, update.

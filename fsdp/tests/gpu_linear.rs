@@ -6,11 +6,18 @@
 //! scratch, `xa` and stride padding poisoned (0xFF bytes: NaN) first; padding and the gaps
 //! between non-contiguous adapter buffers are checked to be untouched afterwards. Skipped
 //! without a GPU, failures under `REQUIRE_GPU=1`.
+//!
+//! LoRA dropout: the mask kernel against `fsdp::dropout` bit for bit (64-bit indices
+//! included), the dropped-input and fused masked-dx kernels bit for bit against the same
+//! f32 operations on the CPU, groups with dropout (independent masks per part, mixed with parts
+//! without) against the CPU op with the same masks, `forward_adapter_input` against
+//! `forward`'s `xa`, and `p = 0` bit-identical to no dropout.
 
 use cudakit::blas::Blas;
 use cudakit::testing::{gpu_or_skip, poison};
 use cudakit::Gpu;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use fsdp::dropout::Dropout;
 use fsdp::gpu::linear::{self, Group, LoraRef, Nf4Ref, Part};
 use fsdp::gpu::Dtype;
 use fsdp::ops::{lora_linear_backward, lora_linear_forward, Adapter, AdapterGrads, Frozen};
@@ -88,6 +95,8 @@ struct Case {
     /// Adapters' A and dA buffers adjacent in part order (else separated by gaps).
     contiguous: bool,
     blocksize: usize,
+    /// LoRA dropout probability per part (None: no dropout); the mask seeds are random.
+    dropout: Vec<Option<f64>>,
 }
 
 impl Case {
@@ -106,6 +115,7 @@ impl Case {
             dx_beta: 0.0,
             contiguous: true,
             blocksize: 64,
+            dropout: vec![None; outs.len()],
         }
     }
 }
@@ -118,10 +128,25 @@ struct HostPart {
     b: Vec<f32>,
     r: usize,
     scale: f32,
+    dropout: Option<Dropout>,
+}
+
+/// What the GPU computed, as raw bits (for bit-for-bit comparisons between runs).
+#[derive(Debug, PartialEq)]
+struct Outputs {
+    y: Vec<u32>,
+    xa: Vec<u32>,
+    dx: Vec<u32>,
+    da: Vec<u32>,
+    db: Vec<u32>,
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Runs `c` forward and backward on the GPU and checks both against the CPU reference.
-fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
+fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
     let what = format!("{c:?}");
     let s = gpu.stream();
     let dt = c.dt;
@@ -142,6 +167,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
             _ => nf4::dequantize::<half::f16>("w", &q.packed, &q.state).unwrap().iter().map(|x| x.to_f32()).collect(),
         };
         let r = c.ranks[p].unwrap_or(0);
+        let seed = rng.next_u64(); // drawn for every part, so cases differing only in dropout see the same data
         host.push(HostPart {
             w,
             bias: c.bias[p].then(|| normals(rng, dt, out, 0.5)),
@@ -149,6 +175,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
             b: normals(rng, dt, out * r, 1.0 / (r.max(1) as f64).sqrt()),
             r,
             scale: if r > 0 { 16.0 / r as f32 } else { 0.0 },
+            dropout: c.dropout[p].map(|p| Dropout { p, seed }),
         });
         qs.push(GpuQuantized::upload(gpu, &format!("part{p}"), &q).expect("upload"));
     }
@@ -203,6 +230,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
                 scale: host[p].scale,
                 da: ptr(gpu, &da_d) + 4 * da_off[p] as u64,
                 db: ptr(gpu, &db_d) + 4 * db_off[p] as u64,
+                dropout: host[p].dropout,
             }),
         })
         .collect();
@@ -260,7 +288,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
         let base = Frozen { w: &h.w, bias: h.bias.as_deref(), in_features: inf, out_features: out };
         let ad = (h.r > 0).then(|| Adapter { a: &h.a, b: &h.b, r: h.r, scale: h.scale });
         let mut yp = vec![f32::NAN; rows * out];
-        let xa = lora_linear_forward(&x, &base, ad.as_ref(), &mut yp);
+        let xa = lora_linear_forward(&x, &base, ad.as_ref(), h.dropout.as_ref(), &mut yp);
         for t in 0..rows {
             for j in 0..out {
                 y_ref[t * o + col + j] += yp[t * out + j];
@@ -275,9 +303,17 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
     }
     let tol16 = if dt == Dtype::Bf16 { 1e-2 } else { 2e-3 };
     assert_close(&format!("{what}: y"), &y_got, &y_ref, tol16);
+    let xa_got: Vec<f32> = down(gpu, &xa_d).iter().map(|&b| dt.from_bits16(b)).collect();
     if r_sum > 0 {
-        let xa_got: Vec<f32> = down(gpu, &xa_d).iter().map(|&b| dt.from_bits16(b)).collect();
         assert_close(&format!("{what}: xa"), &xa_got, &xa_ref, tol16);
+        // The adapter-input-only forward (checkpointing's recompute) writes the same xa,
+        // masks included, bit for bit.
+        let mut xa2_d = s.alloc_zeros::<u16>(rows * r_sum).unwrap();
+        poison(s, &mut xa2_d).unwrap();
+        poison(s, &mut scratch).unwrap();
+        unsafe { linear::forward_adapter_input(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &xa2_d), ptr(gpu, &scratch), sb, s.cu_stream()) }
+            .unwrap_or_else(|e| panic!("{what}: forward_adapter_input: {e}"));
+        assert_eq!(down(gpu, &xa2_d), down(gpu, &xa_d), "{what}: forward_adapter_input's xa differs from forward's");
     }
 
     // ---- backward ----
@@ -343,7 +379,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
             let (da, db) = (&mut da_ref[da_off[p]..da_off[p] + h.r * inf], &mut db_ref[db_off[p]..db_off[p] + out * h.r]);
             AdapterGrads { da, db }
         });
-        lora_linear_backward(&dyp, &x, &xa_parts[p], &base, ad.as_ref(), Some(&mut dxp), grads);
+        lora_linear_backward(&dyp, &x, &xa_parts[p], &base, ad.as_ref(), h.dropout.as_ref(), Some(&mut dxp), grads);
         dx_ref.iter_mut().zip(&dxp).for_each(|(a, b)| *a += b);
         col += out;
     }
@@ -360,6 +396,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) {
             assert_close(&format!("{what}: dB of part {p}"), &db_got[b0..b0 + n], &db_ref[b0..b0 + n], tol16);
         }
     }
+    Outputs { y: bits(&y_got), xa: bits(&xa_got), dx: bits(&dx_got), da: bits(&da_got), db: bits(&db_got) }
 }
 
 fn setup(test: &str) -> Option<(Gpu, Blas, Rng)> {
@@ -450,6 +487,164 @@ fn gate_up_and_down_shapes_contiguous_and_not() {
 }
 
 #[test]
+fn dropout_in_fused_groups_matches_the_cpu_masks() {
+    let Some((gpu, blas, mut rng)) = setup("dropout_in_fused_groups_matches_the_cpu_masks") else { return };
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        for rows in [1, 37, 300] {
+            // q|k|v, each part dropped with its own mask and probability, Qwen2 bias, strided.
+            let mut c = Case::new(dt, rows, 96, &[96, 24, 24]);
+            c.ranks = vec![Some(8), Some(4), Some(8)];
+            c.bias = vec![true, true, true];
+            c.pad = 3;
+            c.dropout = vec![Some(0.1), Some(0.3), Some(0.5)];
+            run_case(&gpu, &blas, &mut rng, &c);
+            // Mixed: no adapter, an adapter without dropout, p = 0, p > 0; adapters not
+            // contiguous, f32 y overwritten, dx accumulated.
+            let mut c = Case::new(dt, rows, 72, &[72, 40, 40, 24]);
+            c.ranks = vec![None, Some(8), Some(16), Some(4)];
+            c.dropout = vec![None, None, Some(0.0), Some(0.2)];
+            c.bias = vec![false, true, false, false];
+            c.y_f32 = true;
+            c.contiguous = false;
+            c.dx_beta = 1.0;
+            run_case(&gpu, &blas, &mut rng, &c);
+        }
+    }
+    // gate|up as the model runs it (f32 dx overwritten), both parts dropped.
+    let mut c = Case::new(Dtype::Bf16, 129, 64, &[176, 176]);
+    c.ranks = vec![Some(16), Some(16)];
+    c.dropout = vec![Some(0.1), Some(0.1)];
+    run_case(&gpu, &blas, &mut rng, &c);
+    // down as the model runs it: 16-bit residual accumulated, dx in 16 bits (overwritten
+    // and accumulated), odd sizes, blocksize 128.
+    for dx_beta in [0.0, 1.0] {
+        let mut c = Case::new(Dtype::Bf16, 131, 177, &[67]);
+        c.ranks = vec![Some(16)];
+        c.beta = 1.0;
+        c.dx16 = true;
+        c.dx_beta = dx_beta;
+        c.pad = 3;
+        c.blocksize = 128;
+        c.dropout = vec![Some(0.25)];
+        run_case(&gpu, &blas, &mut rng, &c);
+    }
+}
+
+/// `p = 0` on every part runs exactly the code without dropout: the same bits out.
+#[test]
+fn dropout_zero_is_bit_identical_to_none() {
+    let Some((gpu, blas, rng)) = setup("dropout_zero_is_bit_identical_to_none") else { return };
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        let mut c = Case::new(dt, 37, 96, &[96, 24, 24]);
+        c.ranks = vec![Some(8), Some(8), Some(8)];
+        c.pad = 3;
+        c.dx_beta = 1.0;
+        let none = run_case(&gpu, &blas, &mut rng.clone(), &c);
+        c.dropout = vec![Some(0.0); 3];
+        let zero = run_case(&gpu, &blas, &mut rng.clone(), &c);
+        assert!(none == zero, "{}: p = 0 differs from no dropout", dt.name());
+        c.dropout = vec![Some(0.1); 3];
+        let on = run_case(&gpu, &blas, &mut rng.clone(), &c);
+        assert!(on.xa != none.xa && on.dx != none.dx && on.da != none.da, "{}: dropout 0.1 changed nothing", dt.name());
+    }
+}
+
+/// The mask kernel equals `fsdp::dropout` bit for bit (indices beyond 2^32 too); the
+/// dropped-input and fused masked-dx kernels equal the same f32 operations on the CPU.
+#[test]
+fn dropout_kernels_match_the_cpu_bit_for_bit() {
+    let Some((gpu, _blas, mut rng)) = setup("dropout_kernels_match_the_cpu_bit_for_bit") else { return };
+    let s = gpu.stream();
+    for (p, first, n) in [(0.1, 0u64, 100_003usize), (0.5, (1 << 33) - 50_000, 100_003), (0.9, u64::MAX - 70_000, 70_001), (0.0, 17, 1000)] {
+        let d = Dropout { p, seed: rng.next_u64() };
+        let mut m = s.alloc_zeros::<u8>(n).unwrap();
+        poison(s, &mut m).unwrap();
+        unsafe { linear::dropout_mask(&d, first, n, ptr(&gpu, &m), s.cu_stream()) }.unwrap();
+        let got = down(&gpu, &m);
+        let want: Vec<u8> = (0..n as u64).map(|i| u8::from(d.keep(first + i))).collect();
+        let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(bad.is_none(), "p {p} seed {:#x}: mask differs at index {}", d.seed, first + bad.unwrap_or(0) as u64);
+        let kept = want.iter().filter(|&&k| k == 1).count() as f64 / n as f64;
+        assert!((kept - (1.0 - p)).abs() < 0.01, "p {p}: kept {kept}");
+    }
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        for (rows, cols, ldx, ldxd) in [(1usize, 5usize, 5usize, 5usize), (37, 77, 80, 79), (300, 257, 257, 260)] {
+            let d = Dropout { p: 0.3, seed: rng.next_u64() };
+            let x = normals(&mut rng, dt, rows * cols, 2.0);
+            let x_d = up(&gpu, &strided(&x.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, cols, ldx, POISON16));
+            let mut xd_d = s.alloc_zeros::<u16>(rows * ldxd).unwrap();
+            poison(s, &mut xd_d).unwrap();
+            unsafe { linear::dropout_input(dt, ptr(&gpu, &x_d), ldx, rows, cols, &d, ptr(&gpu, &xd_d), ldxd, s.cu_stream()) }.unwrap();
+            let got = down(&gpu, &xd_d);
+            // The CPU reference's xd (f32), rounded once to the compute dtype.
+            let want: Vec<u16> = d.apply(&x).iter().map(|&v| dt.to_bits16(v)).collect();
+            for r in 0..rows {
+                assert_eq!(&got[r * ldxd..r * ldxd + cols], &want[r * cols..(r + 1) * cols], "{} {rows}x{cols}: xd row {r}", dt.name());
+                assert!(got[r * ldxd + cols..(r + 1) * ldxd].iter().all(|&v| v == POISON16), "dropout_input wrote into the padding");
+            }
+        }
+    }
+    // The fused masked adapter dx: 5 parts (two launches of at most 4), ranks 1..16, odd
+    // sizes, strided dx; the CPU repeats the kernel's operations in its order.
+    let (rows, cols, lddx) = (45usize, 131usize, 133usize);
+    let ranks = [4usize, 8, 16, 1, 3];
+    let r_all: usize = ranks.iter().sum::<usize>() + 2; // two unused columns in g'
+    for (dx_dt, dt) in [(Dtype::F32, Dtype::Bf16), (Dtype::F32, Dtype::F16), (Dtype::Bf16, Dtype::Bf16), (Dtype::F16, Dtype::F16)] {
+        let g = normals(&mut rng, dt, rows * r_all, 1.0);
+        let g_d = up(&gpu, &g.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>());
+        let mut col = 1; // parts start at column 1
+        let mut parts = Vec::new();
+        let mut host_a = Vec::new();
+        let mut keep_a = Vec::new();
+        for (i, &r) in ranks.iter().enumerate() {
+            let a = normals(&mut rng, dt, r * cols, 0.3);
+            let a_d = up(&gpu, &a.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>());
+            let d = Dropout { p: [0.1, 0.5, 0.3, 0.05, 0.9][i], seed: rng.next_u64() };
+            parts.push(linear::DroppedPart { a: ptr(&gpu, &a_d), r, g_col: col, dropout: d });
+            host_a.push(a);
+            keep_a.push(a_d);
+            col += r;
+        }
+        let dx0: Vec<f32> = (0..rows * cols).map(|_| dx_dt.round(rng.normal() as f32)).collect();
+        let mut want = dx0.clone();
+        for chunk in (0..parts.len()).collect::<Vec<_>>().chunks(4) {
+            for row in 0..rows {
+                for c in 0..cols {
+                    let mut add = 0f32;
+                    for &pi in chunk {
+                        let p = &parts[pi];
+                        let mut acc = 0f32;
+                        for k in 0..p.r {
+                            acc = g[row * r_all + p.g_col + k].mul_add(host_a[pi][k * cols + c], acc);
+                        }
+                        if p.dropout.keep((row * cols + c) as u64) {
+                            add += acc * p.dropout.scale();
+                        }
+                    }
+                    let w = &mut want[row * cols + c];
+                    *w = dx_dt.round(*w + add);
+                }
+            }
+        }
+        let got: Vec<f32> = if dx_dt == Dtype::F32 {
+            let dx_d = up(&gpu, &strided(&dx0, rows, cols, lddx, poison32()));
+            unsafe { linear::dropout_lora_dx(dx_dt, dt, ptr(&gpu, &dx_d), lddx, ptr(&gpu, &g_d), r_all, rows, cols, &parts, s.cu_stream()) }.unwrap();
+            let v = down(&gpu, &dx_d);
+            assert!((0..rows).all(|r| v[r * lddx + cols..(r + 1) * lddx].iter().all(|x| x.to_bits() == u32::MAX)), "dropout_lora_dx wrote into the padding");
+            (0..rows).flat_map(|r| v[r * lddx..r * lddx + cols].to_vec()).collect()
+        } else {
+            let dx_d = up(&gpu, &strided(&dx0.iter().map(|&v| dx_dt.to_bits16(v)).collect::<Vec<_>>(), rows, cols, lddx, POISON16));
+            unsafe { linear::dropout_lora_dx(dx_dt, dt, ptr(&gpu, &dx_d), lddx, ptr(&gpu, &g_d), r_all, rows, cols, &parts, s.cu_stream()) }.unwrap();
+            let v = down(&gpu, &dx_d);
+            assert!((0..rows).all(|r| v[r * lddx + cols..(r + 1) * lddx].iter().all(|&x| x == POISON16)), "dropout_lora_dx wrote into the padding");
+            (0..rows).flat_map(|r| v[r * lddx..r * lddx + cols].iter().map(|&b| dx_dt.from_bits16(b)).collect::<Vec<_>>()).collect()
+        };
+        assert_eq!(bits(&got), bits(&want), "dropout_lora_dx, dx {} compute {}", dx_dt.name(), dt.name());
+        assert_ne!(bits(&got), bits(&dx0));
+    }
+}
+
+#[test]
 fn bad_arguments_are_errors_naming_the_culprit() {
     let Some((gpu, blas, _)) = setup("bad_arguments_are_errors_naming_the_culprit") else { return };
     let s = gpu.stream();
@@ -461,7 +656,7 @@ fn bad_arguments_are_errors_naming_the_culprit() {
     let buf = s.alloc_zeros::<u8>(4 << 20).unwrap();
     let p = ptr(&gpu, &buf);
     let (yp, xap, sp) = (p + (1 << 20), p + (2 << 20), p + (3 << 20));
-    let lora = LoraRef { a: p, b: p, r: 4, scale: 2.0, da: p, db: p };
+    let lora = LoraRef { a: p, b: p, r: 4, scale: 2.0, da: p, db: p, dropout: None };
     let part = Part { weight: Nf4Ref { weight: &qd }, out_features: out, bias: 0, lora: Some(lora) };
     let parts = [part];
     let g = Group { parts: &parts, in_features: inf, dtype: Dtype::Bf16 };
@@ -491,6 +686,15 @@ fn bad_arguments_are_errors_naming_the_culprit() {
     let zero_rank = [Part { lora: Some(LoraRef { r: 0, ..lora }), ..part }];
     assert!(msg(fwd(&Group { parts: &zero_rank, ..g }, rows, inf, out, Dtype::Bf16, 0.0, xap, sb)).contains("rank"));
     assert!(msg(fwd(&Group { parts: &[], ..g }, rows, inf, out, Dtype::Bf16, 0.0, xap, sb)).contains("no parts"));
+    // Dropout: p = 0 needs no more scratch than none; p > 0 needs [rows, in] f32 more; p
+    // outside [0, 1) is refused.
+    let with_p = |pr: f64| [Part { lora: Some(LoraRef { dropout: Some(Dropout { p: pr, seed: 1 }), ..lora }), ..part }];
+    let (zero, some, one) = (with_p(0.0), with_p(0.1), with_p(1.0));
+    assert_eq!(linear::scratch_bytes(&Group { parts: &zero, ..g }, rows), sb);
+    assert!(!Group { parts: &zero, ..g }.has_dropout() && Group { parts: &some, ..g }.has_dropout());
+    assert_eq!(linear::scratch_bytes(&Group { parts: &some, ..g }, rows), sb + (rows * inf * 2).div_ceil(256) * 256);
+    let e = msg(fwd(&Group { parts: &one, ..g }, rows, inf, out, Dtype::Bf16, 0.0, xap, 1 << 20));
+    assert!(e.contains("part 0") && e.contains("dropout"), "{e}");
     // Backward: gradients required.
     let no_grad = [Part { lora: Some(LoraRef { da: 0, ..lora }), ..part }];
     let gb = Group { parts: &no_grad, ..g };

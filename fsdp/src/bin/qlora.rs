@@ -130,10 +130,14 @@ struct TrainArgs {
     /// LoRA alpha (scale alpha / rank).
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
+    /// LoRA dropout on the adapters' input (PEFT's `lora_dropout`, in [0, 1)); new masks
+    /// every micro-batch, seeded by --seed. Saved in adapter_config.json.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     /// Projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
     targets: String,
-    /// Seed of the LoRA initialisation.
+    /// Seed of the LoRA initialisation and of the dropout masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Append the EOS token id to every document (default: config.json's eos_token_id, if any).
@@ -307,7 +311,7 @@ fn train(a: TrainArgs) -> AnyResult<()> {
         micro.len(),
         t0.elapsed().as_secs_f64()
     );
-    let lcfg = LoraConfig::new(a.rank, a.alpha).with_targets(&targets);
+    let lcfg = LoraConfig { dropout: a.lora_dropout, ..LoraConfig::new(a.rank, a.alpha) }.with_targets(&targets);
     let lora = Lora::init(&model.config, lcfg, a.seed)?;
     let decay = match a.decay {
         DecayArg::Constant => Decay::Constant,
@@ -318,6 +322,7 @@ fn train(a: TrainArgs) -> AnyResult<()> {
         adamw: AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
         schedule: Schedule { peak_lr: a.lr, warmup_steps: a.warmup, total_steps: steps, decay },
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        dropout_seed: a.seed,
     };
     let mut engine = match a.device {
         Device::Cpu => Engine::Cpu(Box::new(Trainer::new(lora, config)?), model),
@@ -449,9 +454,9 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
         let name = format!("{ckpt:?}").to_lowercase();
         let tc = if a.model.is_some() {
             // The baselines' optimizer (see --model).
-            TrainConfig { adamw: AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 }, schedule: Schedule::constant(2e-4), max_grad_norm: None }
+            TrainConfig { adamw: AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 }, schedule: Schedule::constant(2e-4), max_grad_norm: None, dropout_seed: 0 }
         } else {
-            TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-4), max_grad_norm: Some(1.0) }
+            TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(1e-4), max_grad_norm: Some(1.0), dropout_seed: 0 }
         };
         let mut options = RuntimeOptions::for_checkpointing(ckpt);
         if let Some(b) = a.head_budget {

@@ -44,6 +44,30 @@
 //! once more per LoRA GEMM); `xa` and `g'` are rounded to the compute dtype (as PEFT
 //! does); `dx`, `dA`, `dB` are f32.
 //!
+//! # LoRA dropout
+//!
+//! A part's [`LoraRef::dropout`] (PEFT's `lora_dropout`, masks of [`crate::dropout`]) drops
+//! elements of *its* adapter's input: `xa_p = xd_p A_p^T` with
+//! `xd_p = D_p ⊙ x / (1 - p)`, so the parts of a fused group get independent masks.
+//! Backward: `dA_p += g'_p^T xd_p` (`xd_p` regenerated from `x` and the seed, never
+//! stored) and `dx += D_p ⊙ (g'_p A_p) / (1 - p)`; `dB_p` and the base path are unchanged.
+//! With dropout on any part of a group, the adapter GEMMs run part by part (no stacked
+//! `A`):
+//!
+//! - forward, per dropped part: [`dropout_input`] writes `xd_p` (compute dtype) into
+//!   scratch, then `xa_p = xd_p A_p^T`;
+//! - backward, after `dx (+)= dy W`: [`dropout_lora_dx`] adds every dropped part's
+//!   `D_p ⊙ (g'_p A_p) / (1 - p)` into `dx` in one pass (a rank-`R` product computed in
+//!   the kernel, the masks inline: no `[rows, in]` temporary); then per dropped part `xd_p`
+//!   again into scratch for `dA_p += g'_p^T xd_p`. Parts without dropout keep their plain
+//!   GEMMs.
+//!
+//! That costs `rows x in` elements of `2 + 2` bytes per dropped part (forward; backward
+//! again for `xd_p`), one pass over `dx` (`2 dx_e` bytes per element) for all of them,
+//! a hash per element and part each time, and `rows x in` compute-dtype elements more of
+//! scratch. Without dropout (`None` or `p = 0` on every part) nothing of this runs: the
+//! launches, the scratch size and the results are those of a group without the option.
+//!
 //! # Cost (rows `T`, in `I`, out `O`, ranks `r_p`, `R = sum r_p`, `Q = sum r_p out_p`)
 //!
 //! | step | FLOPs | bytes (16-bit `e = 2`) |
@@ -79,10 +103,28 @@
 //! weight (`fsdp/py/bench_linear_torch.py`) took 1340 / 686 / 2797 / 1585 µs fwd+bwd for
 //! the four groups, against 556 / 462 / 2075 / 1257 here (dequantization included).
 //!
+//! With LoRA dropout 0.1 on every part (same run as the first table, H100 80GB HBM3,
+//! `bench_linear`'s third table, µs):
+//!
+//! | group | fwd | fwd with dropout | bwd | bwd with dropout |
+//! |---|---|---|---|---|
+//! | q\|k\|v | 215 | 400 | 303 | 719 |
+//! | o | 222 | 273 | 226 | 347 |
+//! | gate\|up | 984 | 1060 | 996 | 1387 |
+//! | down | 486 | 702 | 690 | 1284 |
+//!
+//! Dropout costs 20-90 % more per call. Not tuned yet: the hash (three 64-bit multiplies
+//! per element) makes `dropout_input` integer-bound (about 2.4x its memory floor on
+//! `down`'s 8192 x 8192 input), and [`dropout_lora_dx`] walks `k` with one dependent
+//! `A` load at a time (runtime rank, no unrolling): latency-bound where `A` leaves L1
+//! (`down`: `in = 8192`). Unrolling `k`, keeping a row's `g'` in registers, and one
+//! hash per pair of elements are the next steps.
+//!
 //! # Scratch
 //!
 //! [`scratch_bytes`]: `W [O, in]` + stacked `A [R, in]` + `g' [rows, R]`, each rounded
-//! up to 256 bytes. The cuBLAS workspace belongs to the [`Blas`] handle.
+//! up to 256 bytes, plus `xd [rows, in]` when a part has dropout. The cuBLAS workspace
+//! belongs to the [`Blas`] handle.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -92,6 +134,7 @@ use cudakit::kernel::{function_in_current_context, launch, KernelSource};
 use cudarc::driver::sys::{self as drv, CUstream};
 
 use super::{Dtype, GpuError};
+use crate::dropout::Dropout;
 
 /// The frozen NF4 base weight of one part, `[out, in]` once dequantized (PyTorch's
 /// `nn.Linear.weight` layout; the legacy transposed NF4 layout is handled by nf4).
@@ -122,6 +165,16 @@ pub struct LoraRef {
     pub da: u64,
     /// `dB [out, r]`, f32, accumulated (`+=`) by the backward (may be 0 in the forward).
     pub db: u64,
+    /// Dropout on this adapter's input (`None`, or `p = 0`: none); the backward must get
+    /// the forward's.
+    pub dropout: Option<Dropout>,
+}
+
+impl LoraRef {
+    /// The dropout that applies: `None` without one or with `p = 0`.
+    fn active_dropout(&self) -> Option<Dropout> {
+        self.dropout.filter(Dropout::is_active)
+    }
 }
 
 /// One projection of a group.
@@ -158,6 +211,10 @@ impl Group<'_> {
     pub fn lora_rank_sum(&self) -> usize {
         self.parts.iter().filter_map(|p| p.lora.map(|l| l.r)).sum()
     }
+    /// Whether any part's adapter drops (dropout with `p > 0`).
+    pub fn has_dropout(&self) -> bool {
+        self.parts.iter().any(|p| p.lora.is_some_and(|l| l.active_dropout().is_some()))
+    }
 }
 
 const ALIGN: usize = 256;
@@ -175,6 +232,9 @@ struct Layout {
     a: usize,
     /// `g' [rows, R]` (backward).
     g: usize,
+    /// With dropout: `xd [rows, in]`, a part's dropped input (compute dtype). Zero bytes
+    /// without dropout.
+    d: usize,
     total: usize,
 }
 
@@ -184,12 +244,14 @@ fn layout(g: &Group, rows: usize) -> Layout {
     let w = 0;
     let a = w + up(o * i * e);
     let gg = a + up(r * i * e);
-    Layout { w, a, g: gg, total: gg + up(rows * r * e) }
+    let d = gg + up(rows * r * e);
+    let total = if g.has_dropout() { d + up(rows * i * e) } else { d };
+    Layout { w, a, g: gg, d, total }
 }
 
 /// Bytes of scratch [`forward`] and [`backward`] need for `rows` rows of group `g`: the
 /// dequantized weight `[O, in]`, the stacked `A [R, in]` and `g' [rows, R]`, in the compute
-/// dtype, each rounded up to 256 bytes.
+/// dtype, and with dropout on a part `xd [rows, in]` too, each rounded up to 256 bytes.
 pub fn scratch_bytes(g: &Group, rows: usize) -> usize {
     layout(g, rows).total
 }
@@ -256,6 +318,11 @@ fn check_group(g: &Group, rows: usize, backward: bool) -> Result<(usize, usize),
             }
             if !l.scale.is_finite() {
                 return Err(invalid("part", format!("part {i}: LoRA scale is {}", l.scale)));
+            }
+            if let Some(d) = l.dropout {
+                if !(0.0..1.0).contains(&d.p) {
+                    return Err(invalid("part", format!("part {i}: LoRA dropout probability {} is outside [0, 1)", d.p)));
+                }
             }
             for (name, ptr) in [("a", l.a), ("b", l.b)] {
                 if ptr == 0 {
@@ -445,7 +512,7 @@ pub unsafe fn forward(
     if r == 0 {
         return Ok(());
     }
-    adapter_input(blas, g, rows, x, ldx, xa, r, scratch + lay.a as u64, stream)?;
+    adapter_input(blas, g, rows, x, ldx, xa, r, scratch, &lay, stream)?;
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
         if let Some(l) = p.lora {
@@ -474,9 +541,10 @@ pub unsafe fn forward(
 }
 
 /// Only the adapters' input products of [`forward`]: `xa [rows, R] = x A_p^T` per adapted
-/// part, without the base GEMM, the dequantization or `y`. For a recomputed forward whose
-/// output nobody reads (activation checkpointing recomputes the last projection of a
-/// layer only for what its backward needs: `xa`). Does nothing when `R == 0`.
+/// part (`xd_p A_p^T` with dropout, the same masks as [`forward`]), without the base GEMM,
+/// the dequantization or `y`. For a recomputed forward whose output nobody reads
+/// (activation checkpointing recomputes the last projection of a layer only for what its
+/// backward needs: `xa`). Does nothing when `R == 0`.
 ///
 /// # Safety
 /// As [`forward`].
@@ -501,24 +569,45 @@ pub unsafe fn forward_adapter_input(
         return Err(invalid(if x == 0 { "x" } else { "xa" }, "is a null pointer"));
     }
     let lay = check_common(blas, g, rows, scratch, scratch_bytes, stream)?;
-    adapter_input(blas, g, rows, x, ldx, xa, r, scratch + lay.a as u64, stream)
+    adapter_input(blas, g, rows, x, ldx, xa, r, scratch, &lay, stream)
 }
 
-/// `xa [rows, R] = x A^T` over the stacked `A` (copied to `a_scratch` when the parts' `A`
-/// are not contiguous).
+/// `xa [rows, R] = x A^T` over the stacked `A` (copied to scratch when the parts' `A` are
+/// not contiguous); with dropout on a part, part by part, each dropped part reading its
+/// `xd_p` (written into scratch).
 #[allow(clippy::too_many_arguments)]
-unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, xa: u64, r: usize, a_scratch: u64, stream: CUstream) -> Result<(), GpuError> {
+unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, xa: u64, r: usize, scratch: u64, lay: &Layout, stream: CUstream) -> Result<(), GpuError> {
     let dt = blas_dtype(g.dtype);
-    let a = stacked_a(g, a_scratch, stream)?;
-    // xa^T [R, rows] = A [R, in] x^T.
-    blas.gemm("linear forward: xa = x A^T", Op::T, Op::N, r, rows, g.in_features, 1.0, Mat::new(a, dt, g.in_features), Mat::new(x, dt, ldx), 0.0, Mat::new(xa, dt, r))
+    let inf = g.in_features;
+    if !g.has_dropout() {
+        let a = stacked_a(g, scratch + lay.a as u64, stream)?;
+        // xa^T [R, rows] = A [R, in] x^T.
+        return blas.gemm("linear forward: xa = x A^T", Op::T, Op::N, r, rows, inf, 1.0, Mat::new(a, dt, inf), Mat::new(x, dt, ldx), 0.0, Mat::new(xa, dt, r));
+    }
+    let xd = scratch + lay.d as u64;
+    let e = g.dtype.size() as u64;
+    let mut rc = 0usize;
+    for l in g.parts.iter().filter_map(|p| p.lora) {
+        let (src, ld) = match l.active_dropout() {
+            Some(d) => {
+                dropout_input(g.dtype, x, ldx, rows, inf, &d, xd, inf, stream)?;
+                (xd, inf)
+            }
+            None => (x, ldx),
+        };
+        // xa_p^T [r, rows] = A_p [r, in] xd_p^T.
+        blas.gemm("linear forward: xa_p = xd_p A_p^T", Op::T, Op::N, l.r, rows, inf, 1.0, Mat::new(l.a, dt, inf), Mat::new(src, dt, ld), 0.0, Mat::new(xa + rc as u64 * e, dt, r))?;
+        rc += l.r;
+    }
+    Ok(())
 }
 
 /// Backward of group `g` over `rows` rows, with `x` and `xa` as given to / written by
 /// [`forward`]:
 /// `dx [rows, in] (dx_dt, row stride lddx) = dx_beta * dx + dy W + sum_p s_p g_p A_p`
 /// (`g_p = dy_p B_p`), and per adapted part `dB_p += s_p dy_p^T xa_p`,
-/// `dA_p += s_p g_p^T x` (f32).
+/// `dA_p += s_p g_p^T x` (f32). With dropout on part `p` (the forward's), its `dx` term is
+/// `D_p ⊙ (s_p g_p A_p) / (1 - p)` and `dA_p += s_p g_p^T xd_p` (see the module docs).
 ///
 /// `dy`: compute dtype `[rows, O]`, row stride `lddy`. `dx_dt` is f32 or the compute dtype
 /// (then rounded by each of the two `dx` GEMMs, as PEFT's bf16 backward is). `dx_beta` 0
@@ -599,15 +688,45 @@ pub unsafe fn backward(
     if r == 0 {
         return base(dx_beta);
     }
-    let a = stacked_a(g, scratch + lay.a as u64, stream)?;
-    // dx^T [in, rows] (+)= A^T [in, R] g'^T [R, rows]. Overwriting dx, the small adapter
-    // GEMM writes it first and the base GEMM adds in its epilogue (one pass over dx fewer).
-    if dx_beta == 0.0 {
-        blas.gemm("linear backward: dx = g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 0.0, Mat::new(dx, dxt, lddx))?;
-        base(1.0)?;
+    let adapters: Vec<LoraRef> = g.parts.iter().filter_map(|p| p.lora).collect();
+    let dropout = g.has_dropout();
+    if !dropout {
+        let a = stacked_a(g, scratch + lay.a as u64, stream)?;
+        // dx^T [in, rows] (+)= A^T [in, R] g'^T [R, rows]. Overwriting dx, the small adapter
+        // GEMM writes it first and the base GEMM adds in its epilogue (one pass over dx fewer).
+        if dx_beta == 0.0 {
+            blas.gemm("linear backward: dx = g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 0.0, Mat::new(dx, dxt, lddx))?;
+            base(1.0)?;
+        } else {
+            base(dx_beta)?;
+            blas.gemm("linear backward: dx += g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 1.0, Mat::new(dx, dxt, lddx))?;
+        }
     } else {
         base(dx_beta)?;
-        blas.gemm("linear backward: dx += g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 1.0, Mat::new(dx, dxt, lddx))?;
+        let mut dropped = Vec::new();
+        let mut rc = 0usize;
+        for l in &adapters {
+            match l.active_dropout() {
+                // dx^T [in, rows] += A_p^T [in, r] g'_p^T [r, rows].
+                None => blas.gemm(
+                    "linear backward: dx += g_p A_p",
+                    Op::N,
+                    Op::N,
+                    inf,
+                    rows,
+                    l.r,
+                    1.0,
+                    Mat::new(l.a, dt, inf),
+                    Mat::new(gbuf + rc as u64 * e, dt, r),
+                    1.0,
+                    Mat::new(dx, dxt, lddx),
+                )?,
+                Some(d) => dropped.push(DroppedPart { a: l.a, r: l.r, g_col: rc, dropout: d }),
+            }
+            rc += l.r;
+        }
+        // dx += sum_p D_p ⊙ (g'_p A_p) / (1 - p), one pass.
+        dropout_lora_dx(dx_dt, g.dtype, dx, lddx, gbuf, r, rows, inf, &dropped, stream)?;
     }
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
@@ -631,10 +750,36 @@ pub unsafe fn backward(
         col += p.out_features;
     }
     // dA (column-major [in, r]) += x^T [in, rows] g' [rows, r]: one GEMM over all parts
-    // when their dA buffers are contiguous.
-    let adapters: Vec<LoraRef> = g.parts.iter().filter_map(|p| p.lora).collect();
+    // when their dA buffers are contiguous (and no part drops: else per part, a dropped
+    // part reading its regenerated xd_p).
     let row_bytes = (inf * 4) as u64;
-    if adapters.windows(2).all(|w| w[1].da == w[0].da + w[0].r as u64 * row_bytes) {
+    if dropout {
+        let xd = scratch + lay.d as u64;
+        let mut rc = 0usize;
+        for l in &adapters {
+            let (src, ld) = match l.active_dropout() {
+                Some(d) => {
+                    dropout_input(g.dtype, x, ldx, rows, inf, &d, xd, inf, stream)?;
+                    (xd, inf)
+                }
+                None => (x, ldx),
+            };
+            blas.gemm(
+                "linear backward: dA += g^T xd",
+                Op::N,
+                Op::T,
+                inf,
+                l.r,
+                rows,
+                1.0,
+                Mat::new(src, dt, ld),
+                Mat::new(gbuf + rc as u64 * e, dt, r),
+                1.0,
+                Mat::new(l.da, DataType::F32, inf),
+            )?;
+            rc += l.r;
+        }
+    } else if adapters.windows(2).all(|w| w[1].da == w[0].da + w[0].r as u64 * row_bytes) {
         blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, r), 1.0, Mat::new(adapters[0].da, DataType::F32, inf))?;
     } else {
         let mut rc = 0usize;
@@ -656,4 +801,179 @@ pub unsafe fn backward(
         }
     }
     Ok(())
+}
+
+
+fn check_dropout(d: &Dropout) -> Result<(), GpuError> {
+    if !(0.0..1.0).contains(&d.p) {
+        return Err(invalid("dropout", format!("probability {} is outside [0, 1)", d.p)));
+    }
+    Ok(())
+}
+
+/// `xd [rows, cols] (row stride ldxd) = D ⊙ x * scale` in the 16-bit dtype `dt`, `x` with
+/// row stride `ldx`: element `(r, c)` is kept iff [`crate::dropout::keep`]`(d.seed, r * cols
+/// + c, d.threshold())`, and is then `round(x * d.scale())` (one f32 product, rounded to
+/// nearest even). Bit-identical to [`Dropout::apply`] followed by the same rounding.
+///
+/// # Safety
+/// `x` and `xd` must be device allocations of the current context holding the strided
+/// matrices; they must not overlap.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dropout_input(dt: Dtype, x: u64, ldx: usize, rows: usize, cols: usize, d: &Dropout, xd: u64, ldxd: usize, stream: CUstream) -> Result<(), GpuError> {
+    let name = match dt {
+        Dtype::Bf16 => "dropout_input_bf16",
+        Dtype::F16 => "dropout_input_f16",
+        Dtype::F32 => return Err(invalid("dt", "must be Bf16 or F16")),
+    };
+    check_dropout(d)?;
+    check_ld("ldx", ldx, cols)?;
+    check_ld("ldxd", ldxd, cols)?;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if x == 0 || xd == 0 {
+        return Err(invalid(if x == 0 { "x" } else { "xd" }, "is a null pointer"));
+    }
+    let f = function_in_current_context(source(), name)?;
+    let (mut x, mut ldx, mut xd, mut ldxd, mut rows_, mut cols_) = (x, ldx as i64, xd, ldxd as i64, rows as i64, cols as i64);
+    let (mut seed, mut th, mut scale) = (d.seed, d.threshold(), d.scale());
+    let mut args: [*mut c_void; 9] = [
+        &mut x as *mut _ as *mut c_void,
+        &mut ldx as *mut _ as *mut c_void,
+        &mut xd as *mut _ as *mut c_void,
+        &mut ldxd as *mut _ as *mut c_void,
+        &mut rows_ as *mut _ as *mut c_void,
+        &mut cols_ as *mut _ as *mut c_void,
+        &mut seed as *mut _ as *mut c_void,
+        &mut th as *mut _ as *mut c_void,
+        &mut scale as *mut _ as *mut c_void,
+    ];
+    // One block per row (at most 32768: they stride over the rest).
+    launch(f, rows.clamp(1, 32768) as u32, 256, 0, stream, &mut args)
+}
+
+/// One dropped part for [`dropout_lora_dx`]: its `A [r, cols]` (compute dtype), rank, first
+/// column in `g'` and dropout.
+#[derive(Clone, Copy, Debug)]
+pub struct DroppedPart {
+    /// `A_p [r, cols]`, compute dtype, row stride `cols`.
+    pub a: u64,
+    /// Rank `r_p`.
+    pub r: usize,
+    /// The part's first column in `g'`.
+    pub g_col: usize,
+    /// Its mask (`p > 0`).
+    pub dropout: Dropout,
+}
+
+/// Parts per launch of `dropout_lora_dx_*` (`DROP_MAX_PARTS` in `linear.cu`).
+const DROP_MAX_PARTS: usize = 4;
+/// Rows per block (`DROP_ROWS`).
+const DROP_ROWS: usize = 4;
+
+/// `DropParts` of `linear.cu`, passed by value (same field order, C layout).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DropPartsArg {
+    a: [u64; DROP_MAX_PARTS],
+    seed: [u64; DROP_MAX_PARTS],
+    threshold: [u64; DROP_MAX_PARTS],
+    scale: [f32; DROP_MAX_PARTS],
+    r: [i32; DROP_MAX_PARTS],
+    goff: [i32; DROP_MAX_PARTS],
+    n: i32,
+}
+
+/// `dx [rows, cols] += sum_p D_p ⊙ (g'_p A_p) * scale_p` over the dropped `parts`:
+/// `g' [rows, ldg]` (compute dtype `dt`, part `p` in columns `g_col .. g_col + r`),
+/// `A_p [r, cols]`, masks of [`dropout_input`] (element `(row, col)`: index
+/// `row * cols + col`), `dx` of dtype `dx_dt` (`F32` or `dt`) with row stride `lddx`.
+/// Per element, in this order (the CPU can repeat it bit for bit): `acc_p = fma` over
+/// `k = 0..r` of `g'[row, g_col + k] * A_p[k, col]` from 0; `add += acc_p * scale_p` over
+/// the kept parts, in order (separate multiply and add); `dx = dx + add` (a 16-bit `dx`
+/// rounded once). More than 4 parts: one launch per 4, each rounding `dx` once.
+///
+/// # Safety
+/// `dx`, `g` and every `a` must be device allocations of the current context holding the
+/// strided matrices; `dx` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dropout_lora_dx(dx_dt: Dtype, dt: Dtype, dx: u64, lddx: usize, g: u64, ldg: usize, rows: usize, cols: usize, parts: &[DroppedPart], stream: CUstream) -> Result<(), GpuError> {
+    let name = match (dx_dt, dt) {
+        (Dtype::F32, Dtype::Bf16) => "dropout_lora_dx_f32_bf16",
+        (Dtype::F32, Dtype::F16) => "dropout_lora_dx_f32_f16",
+        (Dtype::Bf16, Dtype::Bf16) => "dropout_lora_dx_bf16",
+        (Dtype::F16, Dtype::F16) => "dropout_lora_dx_f16",
+        _ => return Err(invalid("dx_dt", format!("must be F32 or the compute dtype {} (bf16 or f16), got {}", dt.name(), dx_dt.name()))),
+    };
+    check_ld("lddx", lddx, cols)?;
+    for (i, p) in parts.iter().enumerate() {
+        check_dropout(&p.dropout)?;
+        if p.r == 0 || p.a == 0 {
+            return Err(invalid("parts", format!("part {i}: rank 0 or a null `a`")));
+        }
+        if p.g_col + p.r > ldg {
+            return Err(invalid("parts", format!("part {i}: columns {}..{} of g' exceed its row stride {ldg}", p.g_col, p.g_col + p.r)));
+        }
+    }
+    // g' rows of a block are staged in shared memory (48 KiB without opting in).
+    if ldg == 0 || DROP_ROWS * ldg * 4 > 48 << 10 {
+        return Err(invalid("ldg", format!("{ldg}: the kernel stages {DROP_ROWS} rows of g' in shared memory, at most {} columns", (48 << 10) / (4 * DROP_ROWS))));
+    }
+    if rows == 0 || cols == 0 || parts.is_empty() {
+        return Ok(());
+    }
+    if dx == 0 || g == 0 {
+        return Err(invalid(if dx == 0 { "dx" } else { "g" }, "is a null pointer"));
+    }
+    let f = function_in_current_context(source(), name)?;
+    let grid = rows.div_ceil(DROP_ROWS).clamp(1, 32768) as u32;
+    for chunk in parts.chunks(DROP_MAX_PARTS) {
+        let mut arg = DropPartsArg { a: [0; 4], seed: [0; 4], threshold: [0; 4], scale: [0.0; 4], r: [0; 4], goff: [0; 4], n: chunk.len() as i32 };
+        for (i, p) in chunk.iter().enumerate() {
+            arg.a[i] = p.a;
+            arg.seed[i] = p.dropout.seed;
+            arg.threshold[i] = p.dropout.threshold();
+            arg.scale[i] = p.dropout.scale();
+            arg.r[i] = p.r as i32;
+            arg.goff[i] = p.g_col as i32;
+        }
+        let (mut dx, mut lddx, mut g, mut ldg, mut rows_, mut cols_) = (dx, lddx as i64, g, ldg as i64, rows as i64, cols as i64);
+        let mut args: [*mut c_void; 7] = [
+            &mut dx as *mut _ as *mut c_void,
+            &mut lddx as *mut _ as *mut c_void,
+            &mut g as *mut _ as *mut c_void,
+            &mut ldg as *mut _ as *mut c_void,
+            &mut rows_ as *mut _ as *mut c_void,
+            &mut cols_ as *mut _ as *mut c_void,
+            &mut arg as *mut _ as *mut c_void,
+        ];
+        launch(f, grid, 256, (DROP_ROWS * ldg as usize * 4) as u32, stream, &mut args)?;
+    }
+    Ok(())
+}
+
+/// `mask[i] = keep(d.seed, first + i)` as 0/1 bytes, `n` of them: the GPU's mask, for
+/// comparing with [`Dropout::keep`] bit for bit.
+///
+/// # Safety
+/// `mask` must be a device allocation of the current context of at least `n` bytes.
+pub unsafe fn dropout_mask(d: &Dropout, first: u64, n: usize, mask: u64, stream: CUstream) -> Result<(), GpuError> {
+    check_dropout(d)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if mask == 0 {
+        return Err(invalid("mask", "is a null pointer"));
+    }
+    let f = function_in_current_context(source(), "dropout_mask")?;
+    let (mut m, mut first, mut n_, mut seed, mut th) = (mask, first, n as i64, d.seed, d.threshold());
+    let mut args: [*mut c_void; 5] = [
+        &mut m as *mut _ as *mut c_void,
+        &mut first as *mut _ as *mut c_void,
+        &mut n_ as *mut _ as *mut c_void,
+        &mut seed as *mut _ as *mut c_void,
+        &mut th as *mut _ as *mut c_void,
+    ];
+    launch(f, (n as u64).div_ceil(256).clamp(1, 32768) as u32, 256, 0, stream, &mut args)
 }

@@ -31,7 +31,9 @@
 //! ```
 //! The LM head and the loss go through `memlinear`'s GPU driver (`run_raw`, frozen head,
 //! chunked by a memory budget). Loss normalisation, clipping and AdamW follow the CPU
-//! [`crate::train::Trainer`] exactly, so the two can be compared step by step.
+//! [`crate::train::Trainer`] exactly, so the two can be compared step by step; so do the
+//! LoRA dropout masks ([`crate::dropout`]: the same seeds per step, micro-batch, layer and
+//! projection, handed to [`linear`] with each part; a recomputed layer draws the same ones).
 //!
 //! **Activation checkpointing** ([`Checkpointing`]): `Off` keeps every layer's saved
 //! activations; `On` keeps only each layer's input and recomputes the layer's forward
@@ -58,6 +60,7 @@ use memlinear::{losses, Reduction};
 use super::{attention, kernels, linear, Dtype, GpuError};
 use crate::batch::{count_targets, Batch, IGNORE_INDEX};
 use crate::config::Config;
+use crate::dropout::StepDropout;
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraConfig};
 use crate::model::Llama;
@@ -244,6 +247,12 @@ pub struct GpuLora {
     v: CudaSlice<f32>,
     p16: CudaSlice<u16>,
     bytes: usize,
+    /// Micro-steps accumulated into the gradients since they were zeroed: the micro-batch
+    /// index of the LoRA dropout seeds (as [`crate::train::Trainer::accumulate`]'s).
+    accumulated: u64,
+    /// The LoRA dropout of the micro-step being computed (`None`: no dropout), set by
+    /// [`GpuTrainer::micro_step`]; every (layer, projection) derives its mask from it.
+    dropout: Option<StepDropout>,
 }
 
 impl GpuLora {
@@ -276,7 +285,7 @@ impl GpuLora {
         let p = s.clone_htod(&host).map_err(gpu_err("cuMemcpyHtoD"))?;
         let (g, m, v) = (alloc::<f32>(s, n, &mut bytes)?, alloc::<f32>(s, n, &mut bytes)?, alloc::<f32>(s, n, &mut bytes)?);
         let p16 = alloc::<u16>(s, n, &mut bytes)?;
-        let mut out = GpuLora { config: lora.config.clone(), model: model.clone(), index, n, p, g, m, v, p16, bytes };
+        let mut out = GpuLora { config: lora.config.clone(), model: model.clone(), index, n, p, g, m, v, p16, bytes, accumulated: 0, dropout: None };
         out.refresh_copies(gpu, dtype)?;
         Ok(out)
     }
@@ -291,6 +300,7 @@ impl GpuLora {
     }
 
     fn zero_grads(&mut self, gpu: &Gpu) -> Result<()> {
+        self.accumulated = 0;
         gpu.stream().memset_zeros(&mut self.g).map_err(gpu_err("cuMemsetD8"))
     }
 
@@ -461,7 +471,9 @@ impl MlpArena {
 
     /// `(gate|up in the arena (meaningful with checkpointing), act, dact)`.
     fn addrs(bufs: &mut Buffers, s: &CudaStream) -> (u64, u64, u64) {
-        let lay = MlpArena::new(bufs.tokens, bufs.inter, false);
+        let tokens = bufs.tokens;
+        let inter = bufs.inter;
+        let lay = MlpArena::new(tokens, inter, false);
         let base = addr_mut(&mut bufs.mlp, s);
         (base + lay.gu as u64, base, base + lay.dact as u64)
     }
@@ -565,6 +577,7 @@ fn lora_ref(lora: &GpuLora, layer: usize, p: Proj, s: &CudaStream) -> Option<lin
         scale: lora.config.scale(),
         da: g + (a * 4) as u64,
         db: g + (b * 4) as u64,
+        dropout: lora.dropout.and_then(|d| d.mask(layer, p)),
     })
 }
 
@@ -624,9 +637,7 @@ impl Dims {
 impl GpuTrainer {
     /// A trainer for `lora` on `model`'s device.
     pub fn new(model: &GpuModel, lora: &Lora, config: TrainConfig, options: RuntimeOptions) -> Result<GpuTrainer> {
-        if lora.config.dropout != 0.0 {
-            return Err(Error::arg("lora.dropout", format!("{}: LoRA dropout is not implemented yet, train with 0", lora.config.dropout)));
-        }
+        lora.config.validate()?;
         crate::model::check_lora(&model.config, lora)?;
         let gpu = model.gpu();
         gpu.bind()?;
@@ -793,10 +804,14 @@ impl GpuTrainer {
     /// Forward, loss and backward of one micro-batch: adds its LoRA gradients (of
     /// `sum(token losses) / normalizer`) into the gradient buffers (zero after
     /// [`GpuTrainer::new`] and at the start of every [`GpuTrainer::train_step`]); returns
-    /// its loss.
+    /// its loss. With LoRA dropout it draws the masks of micro-batch `i` of optimizer step
+    /// [`GpuTrainer::step`], `i` counting the micro-steps since the gradients were last
+    /// zeroed: the CPU [`crate::train::Trainer`]'s masks.
     pub fn micro_step(&mut self, m: &GpuModel, b: &Batch, targets: &[i64], normalizer: f64) -> Result<f64> {
         check_batch(m, b, targets)?;
         m.gpu().bind()?;
+        // This micro-step's LoRA dropout: the CPU Trainer's seeds for (step, micro-batch).
+        self.lora.dropout = StepDropout::new(self.lora.config.dropout, self.config.dropout_seed, self.step, self.lora.accumulated);
         self.ensure_buffers(m, b.tokens())?;
         self.upload_batch(m, b, targets)?;
         let k = Dims::new(m, b.tokens());
@@ -850,6 +865,7 @@ impl GpuTrainer {
             self.finish_offload(&s)?;
             self.mark("backward", &s)?;
             self.phases.host_backward_ms = host.elapsed().as_secs_f64() * 1e3;
+            self.lora.accumulated += 1;
             Ok(loss)
         }
     }

@@ -98,3 +98,42 @@ fn bad_inputs_name_what_is_wrong_and_write_no_adapter() {
     let help = qlora(&["train", "--help"]);
     assert!(String::from_utf8_lossy(&help.stdout).contains("adapter_model.safetensors"));
 }
+
+#[test]
+fn train_with_lora_dropout_is_seeded_and_saved() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    model_dir(&model);
+    let docs: Vec<String> = (0..2).map(|i| format!(r#"{{"input_ids": [{}]}}"#, (0..13).map(|j| ((i * 11 + j * 3) % 100).to_string()).collect::<Vec<_>>().join(","))).collect();
+    let data = data(d.path(), &docs.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = model.display().to_string();
+    let train = |out: &str, dropout: &str| {
+        let o = d.path().join(out);
+        let os = o.display().to_string();
+        let args = ["train", "--device", "cpu", "--model", &m, "--data", &data, "--out", &os, "--seq-len", "16", "--batch", "1", "--grad-accum", "2", "--steps", "6", "--lr", "1e-2", "--rank", "4", "--alpha", "8", "--eos", "100", "--lora-dropout", dropout];
+        let r = qlora(&args);
+        (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned(), o)
+    };
+    let losses = |o: &Path| -> Vec<f64> {
+        std::fs::read_to_string(o.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    };
+    let (ok, err, a) = train("a", "0.1");
+    assert!(ok, "{err}");
+    let la = losses(&a);
+    assert_eq!(la.len(), 6);
+    assert!(la[5] < la[0], "the loss should fall with dropout 0.1: {la:?}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["lora_dropout"], 0.1);
+    assert_eq!(peft::load(&a, &config(TINY_LLAMA)).unwrap().config.dropout, 0.1);
+    // the same run again: the same masks, the same losses; without dropout: other losses
+    let (ok, err, b) = train("b", "0.1");
+    assert!(ok, "{err}");
+    assert_eq!(losses(&b), la);
+    let (ok, err, c) = train("c", "0");
+    assert!(ok, "{err}");
+    let lc = losses(&c);
+    assert_eq!(lc[0], la[0], "step 0: B = 0, so dropout cannot change the loss yet");
+    assert_ne!(lc[1..], la[1..]);
+    let (ok, err, _) = train("d", "1.0");
+    assert!(!ok && err.contains("lora.dropout"), "{err}");
+}

@@ -1,7 +1,7 @@
 //! The GPU training step against the CPU f32 reference: loss, every LoRA gradient, and a
 //! few AdamW steps, on tiny models whose head width the attention kernel supports (64),
-//! with odd sequence lengths and packed documents. Skips without a GPU (fails with
-//! `REQUIRE_GPU=1`).
+//! with odd sequence lengths and packed documents, without and with LoRA dropout (the
+//! same masks on both). Skips without a GPU (fails with `REQUIRE_GPU=1`).
 
 use cudakit::testing::gpu_or_skip;
 use fsdp::gpu::model::{Checkpointing, GpuModel, GpuTrainer, RuntimeOptions};
@@ -31,11 +31,17 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 }
 
 fn train_config() -> TrainConfig {
-    TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(2e-3), max_grad_norm: Some(1.0) }
+    TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(2e-3), max_grad_norm: Some(1.0), dropout_seed: 0 }
 }
 
 /// One micro-step's loss and gradients on the GPU vs the CPU, then 5 optimizer steps.
 fn check(json: &str, dtype: Dtype, seqs: usize, len: usize, targets: &[Proj]) {
+    check_with(json, dtype, seqs, len, targets, 0.0, 1);
+}
+
+/// As [`check`], with LoRA dropout `dropout` and `micros` micro-batches per step (each
+/// draws its own masks, the CPU's and the GPU's alike).
+fn check_with(json: &str, dtype: Dtype, seqs: usize, len: usize, targets: &[Proj], dropout: f64, micros: usize) {
     let Some(gpu) = gpu_or_skip("gpu_model") else { return };
     if dtype == Dtype::Bf16 && gpu.info().arch.major < 8 {
         eprintln!("SKIPPED bf16 on sm_{}", gpu.info().arch);
@@ -44,19 +50,24 @@ fn check(json: &str, dtype: Dtype, seqs: usize, len: usize, targets: &[Proj]) {
     let c = config(json);
     let seed = nf4::testing::Rng::fresh("gpu_model").next_u64();
     let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
-    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0).with_targets(targets), seed);
+    let lora = lora_nonzero(&model, LoraConfig { dropout, ..LoraConfig::new(8, 16.0) }.with_targets(targets), seed);
     let mut r = Rng::new(seed ^ 7);
-    let b = batch(&mut r, c.vocab_size, seqs, len);
-    let micro = [MicroBatch::next_token(b)];
+    let micro: Vec<MicroBatch> = (0..micros).map(|_| MicroBatch::next_token(batch(&mut r, c.vocab_size, seqs, len))).collect();
+    let train_config = || TrainConfig { dropout_seed: seed ^ 0xd, ..train_config() };
 
     // Gradients of one step (before any update).
     let mut cpu = Trainer::new(lora.clone(), train_config()).unwrap();
     let (cpu_loss, _) = cpu.accumulate(&model, &micro).unwrap();
     let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
     let mut g = GpuTrainer::new(&gm, &lora, train_config(), RuntimeOptions::default()).unwrap();
-    let n = fsdp::count_targets(&micro[0].targets) as f64;
-    let gpu_loss = g.micro_step(&gm, &micro[0].batch, &micro[0].targets, n).unwrap();
-    let what = format!("{} {} seqs={seqs} len={len} seed={seed:#x}", c.model_type.name(), dtype.name());
+    let n: usize = micro.iter().map(|mb| fsdp::count_targets(&mb.targets)).sum();
+    let gpu_loss: f64 = micro.iter().map(|mb| g.micro_step(&gm, &mb.batch, &mb.targets, n as f64).unwrap()).sum();
+    let what = format!("{} {} seqs={seqs} len={len} dropout={dropout} micros={micros} seed={seed:#x}", c.model_type.name(), dtype.name());
+    if dropout > 0.0 {
+        // the masks matter: the training loss is not the evaluation loss
+        let eval: f64 = micro.iter().map(|mb| model.loss(&lora, &mb.batch, &mb.targets, n as f64).unwrap()).sum();
+        assert!((cpu_loss - eval).abs() > 1e-3 * eval, "{what}: dropout did not change the CPU loss ({cpu_loss} vs {eval})");
+    }
     let loss_err = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
     eprintln!("{what}: loss gpu {gpu_loss:.6} cpu {cpu_loss:.6} rel {loss_err:.2e}");
     assert!(loss_err < 1e-2, "{what}: loss {gpu_loss} vs {cpu_loss}");
@@ -101,6 +112,16 @@ fn llama_f16_one_long_sequence_some_targets() {
 #[test]
 fn qwen2_bias_tied_bf16() {
     check(GPU_QWEN2, Dtype::Bf16, 3, 65, &Proj::ALL);
+}
+
+#[test]
+fn llama_bf16_dropout_two_micro_batches() {
+    check_with(GPU_LLAMA, Dtype::Bf16, 2, 37, &Proj::ALL, 0.1, 2);
+}
+
+#[test]
+fn qwen2_f16_dropout_some_targets() {
+    check_with(GPU_QWEN2, Dtype::F16, 3, 65, &[Proj::Q, Proj::V, Proj::Down], 0.1, 1);
 }
 
 #[test]
@@ -195,4 +216,43 @@ fn phase_times_only_when_asked_and_harmless() {
     for (name, v) in [("forward", p.forward_ms), ("head", p.head_ms), ("backward", p.backward_ms), ("optimizer", p.optimizer_ms), ("host forward", p.host_forward_ms)] {
         assert!(v > 0.0 && v.is_finite(), "{name}: {v} ms");
     }
+}
+
+/// With LoRA dropout, checkpointing (the recomputed layer draws the same masks) and
+/// offload give the forward of no checkpointing exactly and the same gradients, over two
+/// micro-batches (different masks) and a second optimizer step (new masks again).
+#[test]
+fn checkpointing_with_dropout_matches_no_checkpointing() {
+    let Some(gpu) = gpu_or_skip("gpu_model_checkpointing_dropout") else { return };
+    let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
+    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":4"#));
+    let seed = nf4::testing::Rng::fresh("gpu_model_checkpointing_dropout").next_u64();
+    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
+    let lora = lora_nonzero(&model, LoraConfig { dropout: 0.1, ..LoraConfig::new(8, 16.0) }, seed);
+    let mut r = Rng::new(seed ^ 6);
+    let micro: Vec<MicroBatch> = (0..2).map(|_| MicroBatch::next_token(batch(&mut r, c.vocab_size, 2, 45))).collect();
+    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let tc = TrainConfig { dropout_seed: seed, ..train_config() };
+    let run = |mode: Checkpointing| {
+        let o = RuntimeOptions { checkpointing: mode, ..Default::default() };
+        let mut g = GpuTrainer::new(&gm, &lora, tc.clone(), o).unwrap();
+        let first = g.train_step(&gm, &micro).unwrap();
+        let grads = g.lora.download_grads(gm.gpu()).unwrap();
+        let second = g.train_step(&gm, &micro).unwrap();
+        (first.loss, second.loss, grads)
+    };
+    let (a0, b0, g0) = run(Checkpointing::Off);
+    for mode in [Checkpointing::On, Checkpointing::Offload] {
+        let (a, b, g) = run(mode);
+        assert_eq!(a, a0, "{mode:?}: the forward must be unchanged");
+        assert!((b - b0).abs() < 1e-3 * b0.abs(), "{mode:?}: step 1 loss {b} vs {b0}");
+        for ((name, _, got), (_, _, want)) in g.named_tensors().into_iter().zip(g0.named_tensors()) {
+            let e = rel_l2(got, want);
+            assert!(e < 2e-3, "{mode:?}: gradient {name}: relative L2 {e:.2e}");
+        }
+    }
+    // and the step is the CPU's, masks included
+    let mut cpu = Trainer::new(lora.clone(), tc.clone()).unwrap();
+    let want = cpu.train_step(&model, &micro).unwrap().loss;
+    assert!((a0 - want).abs() < 1e-2 * want, "step 0 loss: gpu {a0} cpu {want}");
 }

@@ -1,11 +1,13 @@
-//! The full step's LoRA gradients against finite differences of the loss.
+//! The full step's LoRA gradients against finite differences of the loss, without and
+//! with LoRA dropout (a fixed mask: the same micro-step seed throughout).
 
+use fsdp::dropout::StepDropout;
 use fsdp::rng::Rng;
 use fsdp::{count_targets, BaseFormat, Llama, Lora, LoraConfig, Proj};
 
 use crate::common::{batch, config, lora_nonzero, TINY_LLAMA, TINY_QWEN2};
 
-fn fd_check(json: &str, targets_of: &[Proj], seed: u64) {
+fn fd_check(json: &str, targets_of: &[Proj], seed: u64, dropout: Option<StepDropout>) {
     let cfg = config(json);
     let m = Llama::random(cfg.clone(), seed, &BaseFormat::default()).unwrap();
     let lora = lora_nonzero(&m, LoraConfig::new(4, 8.0).with_targets(targets_of), seed);
@@ -14,15 +16,26 @@ fn fd_check(json: &str, targets_of: &[Proj], seed: u64) {
     let targets = b.next_token_targets();
     let n = count_targets(&targets) as f64;
     let mut grads = lora.zeros_like();
-    let out = m.step(&lora, &b, &targets, n, &mut grads).unwrap();
-    assert!((out.loss - m.loss(&lora, &b, &targets, n).unwrap()).abs() < 1e-6);
+    let out = m.step(&lora, &b, &targets, n, dropout, &mut grads).unwrap();
+    // the training loss (with this micro-step's masks)
+    let loss_of = |l: &Lora| {
+        let acts = m.forward_train(l, &b, dropout).unwrap();
+        m.head_loss(&acts.hidden, &targets, n, false).unwrap().0
+    };
+    assert!((out.loss - loss_of(&lora)).abs() < 1e-6);
+    let eval = m.loss(&lora, &b, &targets, n).unwrap();
+    if dropout.is_some() {
+        assert!((out.loss - eval).abs() > 1e-4 * eval, "dropout did not change the training loss ({} vs {eval})", out.loss);
+    } else {
+        assert!((out.loss - eval).abs() < 1e-6);
+    }
     assert_eq!(out.counted, count_targets(&targets));
 
     // the loss with one entry of one tensor moved to `value`
     let loss_with = |which: usize, idx: usize, value: f32| {
         let mut l: Lora = lora.clone();
         l.tensors_mut()[which][idx] = value;
-        m.loss(&l, &b, &targets, n).unwrap()
+        loss_of(&l)
     };
     let names = lora.named_tensors();
     let (mut worst, mut checked) = (0f64, 0);
@@ -51,7 +64,7 @@ fn fd_check(json: &str, targets_of: &[Proj], seed: u64) {
         for (t, d) in l.tensors_mut().into_iter().zip(&dirs) {
             t.iter_mut().zip(d).for_each(|(x, &dx)| *x += s * dx);
         }
-        m.loss(&l, &b, &targets, n).unwrap()
+        loss_of(&l)
     };
     // fourth-order central difference: the loss is far from quadratic along a step that
     // moves every parameter at once
@@ -64,10 +77,15 @@ fn fd_check(json: &str, targets_of: &[Proj], seed: u64) {
 
 #[test]
 fn llama_lora_gradients_match_finite_differences() {
-    fd_check(TINY_LLAMA, &Proj::ALL, 101);
+    fd_check(TINY_LLAMA, &Proj::ALL, 101, None);
+}
+
+#[test]
+fn llama_lora_gradients_with_dropout_match_finite_differences() {
+    fd_check(TINY_LLAMA, &Proj::ALL, 103, StepDropout::new(0.3, 5, 2, 1));
 }
 
 #[test]
 fn qwen2_biases_tied_head_subset_of_targets() {
-    fd_check(TINY_QWEN2, &[Proj::Q, Proj::V, Proj::Down], 102);
+    fd_check(TINY_QWEN2, &[Proj::Q, Proj::V, Proj::Down], 102, None);
 }
