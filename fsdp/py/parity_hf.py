@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Parity of fsdp's CPU f32 reference with transformers + peft + bitsandbytes (GPU).
+"""Parity of fsdp's CPU f32 reference, and of its GPU runtime, with transformers + peft +
+bitsandbytes (GPU).
 
 Usage (GPU machine, repository root):
     PYTHONPATH=bundle/py python3 fsdp/py/parity_hf.py target/fsdp-parity OUT.json
+    PYTHONPATH=DIR_WITH_BITSANDBYTES python3 fsdp/py/parity_hf.py /tmp/fsdp-parity-gpu OUT.json
 
-DIR comes from `cargo run --release -p fsdp --example parity_dump -- DIR` (see that file
-and fsdp/PARITY.md). For every variant in DIR/index.json and every HF configuration below,
-this script:
+DIR comes from `cargo run --release -p fsdp --example parity_dump -- DIR`, or from
+`parity_dump --gpu DIR` on the GPU machine (see that file and fsdp/PARITY.md). For every
+variant in DIR/index.json and every HF configuration below, this script:
 
 1. loads DIR/<variant>/model with AutoModelForCausalLM + BitsAndBytesConfig (nf4, double
    quant) and compares the NF4 bytes bitsandbytes produced with ours (nf4.safetensors);
@@ -15,6 +17,13 @@ this script:
 4. 20 steps of torch.optim.AdamW (same lr, betas, eps, weight decay, clipping) vs our
    per-step losses and gradient norms; the trained adapters vs ours;
 5. our trained adapter (adapter_final) loaded into a fresh PeftModel: logits vs ours.
+
+When the variant has the GPU runtime's results (meta.json's "gpu", from `--gpu`), for the
+configurations in GPU_CONFIGS it also compares them with HF's: step-0 loss and LoRA
+gradients, the 20 per-step losses and gradient norms, the trained adapters, and the
+GPU-trained adapter (adapter_final_gpu) loaded into a fresh PeftModel: its logits vs
+logits_final_gpu (that adapter's logits computed by our CPU f32 model: the GPU runtime
+has no logits output). Results go under each row's "gpu" key.
 
 Parity numbers are results, not failures: the exit status is 1 only when something
 crashed. The spec's tolerances (first-step loss 1e-3 relative, per-step losses 1e-2
@@ -42,6 +51,9 @@ CONFIGS = [
     {"name": "bf16", "dtype": "bfloat16", "compute": "bfloat16", "kbit_prep": False, "attn": "sdpa",
      "what": "dtype=bfloat16 throughout, bnb compute bf16, SDPA"},
 ]
+
+# The HF configurations the GPU runtime (bf16) is compared with.
+GPU_CONFIGS = ("fp32", "bf16-qlora", "bf16")
 
 # The spec's tolerances.
 TOL_LOSS0 = 1e-3
@@ -161,6 +173,67 @@ def depth_errors(pm, ids, ours):
     return depth
 
 
+def fresh_peft_logits(mdir, cfg, adapter_dir, ids):
+    """An adapter of ours loaded into a fresh PeftModel (same HF configuration): loss and
+    logits [seqs, seq_len, vocab] (f32, CPU)."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+    model = load_model(mdir, cfg)
+    if cfg["compute"] == "float32":
+        for _, m in linear4bit_modules(model):
+            m.weight.quant_state.dtype = torch.float32
+    if cfg["kbit_prep"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    pm = PeftModel.from_pretrained(model, adapter_dir)
+    pm.eval()
+    with torch.no_grad():
+        out = pm(input_ids=ids, labels=ids)
+    loss, lf = out.loss.item(), out.logits.float().cpu()
+    del pm, model, out
+    torch.cuda.empty_cache()
+    return loss, lf
+
+
+def logits_errors(ours, theirs):
+    """rel L2, max abs, argmax agreement of logits `theirs` vs `ours`."""
+    return (rel_l2(ours, theirs), (theirs - ours).abs().max().item(),
+            float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()))
+
+
+def grad_errors(ours, theirs):
+    """Relative L2 of every LoRA gradient: worst (and which), median, worst of A and B."""
+    g_rel = {k: rel_l2(ours[k], theirs[k]) for k in theirs}
+    order = sorted(g_rel, key=g_rel.get)
+    res = {"grad_rel_l2_worst": g_rel[order[-1]], "grad_rel_l2_worst_tensor": order[-1],
+           "grad_rel_l2_median": g_rel[order[len(order) // 2]]}
+    for which in ("lora_A", "lora_B"):
+        res[f"grad_rel_l2_worst_{which}"] = max(v for k, v in g_rel.items() if f".{which}." in k)
+    return res, g_rel
+
+
+def gpu_step_comparison(gpu, ours, loss0, grads, losses, norms, trained):
+    """The GPU runtime's step 0 and 20 steps vs HF's (this configuration)."""
+    res = {"device": gpu["device"], "dtype": gpu["dtype"], "loss0_gpu": gpu["loss0"], "loss0_hf": loss0,
+           "loss0_rel": rel(gpu["loss0"], loss0)}
+    worst, g_rel = grad_errors(ours["grads_gpu"], grads)
+    res.update(worst)
+    by_proj = {}
+    for k, v in g_rel.items():
+        proj = k.split(".")[-3]
+        by_proj[proj] = max(by_proj.get(proj, 0.0), v)
+    res["grad_rel_l2_worst_by_proj"] = by_proj
+    res["losses_gpu"] = gpu["losses"]
+    res["step_loss_rel"] = [rel(a, b) for a, b in zip(gpu["losses"], losses)]
+    res["step_loss_rel_max"] = max(res["step_loss_rel"])
+    res["grad_norm_rel_max"] = max(rel(a, b) for a, b in zip(gpu["grad_norms"], norms))
+    on = gpu["checkpointing_on"]["losses"]
+    res["checkpointing_on_step_loss_rel_max"] = max(rel(a, b) for a, b in zip(on, losses))
+    t_rel = {k: rel_l2(ours["adapter_final_gpu"][k], trained[k]) for k in trained}
+    worst_t = max(t_rel, key=t_rel.get)
+    res["trained_adapter_rel_l2_worst"] = t_rel[worst_t]
+    res["trained_adapter_rel_l2_worst_tensor"] = worst_t
+    return res
+
+
 def run_config(vdir, meta, cfg, ours):
     from peft import PeftModel, prepare_model_for_kbit_training
 
@@ -221,14 +294,8 @@ def run_config(vdir, meta, cfg, ours):
     res["logits0_rel_l2"] = rel_l2(ours["logits"]["logits"], logits0)
     res["logits0_max_abs"] = (logits0.cpu() - ours["logits"]["logits"]).abs().max().item()
     res["logits0_argmax_agree"] = float((logits0.cpu().argmax(-1) == ours["logits"]["logits"].argmax(-1)).float().mean())
-    g_rel = {k: rel_l2(ours["grads"][k], grads[k]) for k in grads}
-    order = sorted(g_rel, key=g_rel.get)
-    res["grad_rel_l2_worst"] = g_rel[order[-1]]
-    res["grad_rel_l2_worst_tensor"] = order[-1]
-    res["grad_rel_l2_median"] = g_rel[order[len(order) // 2]]
-    for which in ("lora_A", "lora_B"):
-        vals = [v for k, v in g_rel.items() if f".{which}." in k]
-        res[f"grad_rel_l2_worst_{which}"] = max(vals)
+    worst, g_rel = grad_errors(ours["grads"], grads)
+    res.update(worst)
     by_proj = {}
     for k, v in g_rel.items():
         proj = k.split(".")[-3]
@@ -276,28 +343,36 @@ def run_config(vdir, meta, cfg, ours):
     # How far training moved the adapters, for scale.
     moved = {k: rel_l2(ours["adapter"][k], ours["adapter_final"][k]) for k in trained}
     res["adapter_moved_rel_l2_median"] = sorted(moved.values())[len(moved) // 2]
+    gpu = meta.get("gpu") if cfg["name"] in GPU_CONFIGS else None
+    if gpu is not None:
+        res["gpu"] = gpu_step_comparison(gpu, ours, loss0, grads, losses, norms, trained)
     del pm, model, opt, params, plist, out
     torch.cuda.empty_cache()
 
     # Our trained adapter loaded into a fresh peft model: its logits vs ours.
-    model = load_model(mdir, cfg)
-    if cfg["compute"] == "float32":
-        for _, m in linear4bit_modules(model):
-            m.weight.quant_state.dtype = torch.float32
-    if cfg["kbit_prep"]:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    pm = PeftModel.from_pretrained(model, os.path.join(vdir, meta["adapter_final_dir"]))
-    pm.eval()
-    with torch.no_grad():
-        out = pm(input_ids=ids, labels=ids)
-    lf = out.logits.float().cpu()
-    res["final_adapter_loss_hf"] = out.loss.item()
-    res["final_adapter_loss_rel"] = rel(meta["ours"]["final_loss"], out.loss.item())
-    res["final_adapter_logits_rel_l2"] = rel_l2(ours["logits"]["logits_final"], lf)
-    res["final_adapter_logits_max_abs"] = (lf - ours["logits"]["logits_final"]).abs().max().item()
-    res["final_adapter_argmax_agree"] = float((lf.argmax(-1) == ours["logits"]["logits_final"].argmax(-1)).float().mean())
-    del pm, model, out
-    torch.cuda.empty_cache()
+    loss_f, lf = fresh_peft_logits(mdir, cfg, os.path.join(vdir, meta["adapter_final_dir"]), ids)
+    res["final_adapter_loss_hf"] = loss_f
+    res["final_adapter_loss_rel"] = rel(meta["ours"]["final_loss"], loss_f)
+    (res["final_adapter_logits_rel_l2"], res["final_adapter_logits_max_abs"],
+     res["final_adapter_argmax_agree"]) = logits_errors(ours["logits"]["logits_final"], lf)
+
+    if gpu is not None:
+        # The GPU-trained adapter, saved by fsdp::peft::save, in a fresh peft model: its
+        # logits vs the same adapter's logits by our CPU f32 model.
+        g = res["gpu"]
+        loss_g, lg = fresh_peft_logits(mdir, cfg, os.path.join(vdir, gpu["adapter_final_dir"]), ids)
+        ref = ours["logits"][gpu["logits_final_key"]]
+        g["final_adapter_loss_hf"] = loss_g
+        g["final_adapter_loss_gpu"] = gpu["final_loss"]
+        g["final_adapter_loss_cpu_f32"] = gpu["final_loss_cpu_f32"]
+        g["final_adapter_loss_rel_vs_gpu"] = rel(gpu["final_loss"], loss_g)
+        (g["final_adapter_logits_rel_l2"], g["final_adapter_logits_max_abs"],
+         g["final_adapter_argmax_agree"]) = logits_errors(ref, lg)
+        g["spec"] = {
+            "first_step_loss_rel<=1e-3": verdict(g["loss0_rel"], TOL_LOSS0),
+            "step_losses_rel<=1e-2": verdict(g["step_loss_rel_max"], TOL_STEPS),
+            "peft_logits_gpu_trained_rel_l2<=1.6e-2": verdict(g["final_adapter_logits_rel_l2"], TOL_LOGITS),
+        }
 
     res["spec"] = {
         "first_step_loss_rel<=1e-3": verdict(res["loss0_rel"], TOL_LOSS0),
@@ -309,9 +384,9 @@ def run_config(vdir, meta, cfg, ours):
     return res
 
 
-def load_ours(vdir):
+def load_ours(vdir, meta):
     from safetensors.torch import load_file
-    return {
+    out = {
         "nf4": load_file(os.path.join(vdir, "nf4.safetensors")),
         "grads": load_file(os.path.join(vdir, "grads.safetensors")),
         "logits": load_file(os.path.join(vdir, "logits.safetensors")),
@@ -319,11 +394,16 @@ def load_ours(vdir):
         "adapter": load_file(os.path.join(vdir, "adapter", "adapter_model.safetensors")),
         "adapter_final": load_file(os.path.join(vdir, "adapter_final", "adapter_model.safetensors")),
     }
+    gpu = meta.get("gpu")
+    if gpu is not None:
+        out["grads_gpu"] = load_file(os.path.join(vdir, gpu["grads_file"]))
+        out["adapter_final_gpu"] = load_file(os.path.join(vdir, gpu["adapter_final_dir"], "adapter_model.safetensors"))
+    return out
 
 
 def reshape_logits(ours, meta):
     rows, cols = len(meta["input_ids"]), len(meta["input_ids"][0])
-    for k in ("logits", "logits_final"):
+    for k in ours["logits"]:  # logits, logits_final (and logits_final_gpu)
         ours["logits"][k] = ours["logits"][k].reshape(rows, cols, -1)
 
 
@@ -378,6 +458,27 @@ def table(results):
     return "\n".join(lines)
 
 
+def gpu_table(results):
+    head = ("variant", "HF config", "loss0 rel", "steps max rel", "steps max rel (ckpt on)", "grad norm max rel",
+            "grad worst", "grad median", "trained adapter worst", "GPU adapter in peft: logits relL2", "max abs",
+            "argmax", "spec")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in results:
+        g = r.get("gpu")
+        if g is None or "error" in r:
+            continue
+        if "spec" not in g:
+            lines.append(f"{r['variant']} | {r['config']} | incomplete")
+            continue
+        lines.append(" | ".join([
+            r["variant"], r["config"], fmt(g["loss0_rel"]), fmt(g["step_loss_rel_max"]),
+            fmt(g["checkpointing_on_step_loss_rel_max"]), fmt(g["grad_norm_rel_max"]), fmt(g["grad_rel_l2_worst"]),
+            fmt(g["grad_rel_l2_median"]), fmt(g["trained_adapter_rel_l2_worst"]), fmt(g["final_adapter_logits_rel_l2"]),
+            fmt(g["final_adapter_logits_max_abs"]), f"{100 * g['final_adapter_argmax_agree']:.1f}%",
+            " ".join(g["spec"].values())]))
+    return "\n".join(lines)
+
+
 def main():
     if len(sys.argv) != 3:
         print(__doc__)
@@ -392,8 +493,14 @@ def main():
     for variant in index["variants"]:
         vdir = os.path.join(root, variant)
         meta = json.load(open(os.path.join(vdir, "meta.json")))
-        ours = load_ours(vdir)
+        ours = load_ours(vdir, meta)
         reshape_logits(ours, meta)
+        if "gpu" in meta:
+            g = meta["gpu"]
+            report.setdefault("gpu_runtime", {})[variant] = {
+                k: g[k] for k in ("device", "dtype", "checkpointing", "loss0", "seconds_per_step", "vs_cpu_f32")}
+            report["gpu_runtime"][variant]["checkpointing_on"] = {
+                k: v for k, v in g["checkpointing_on"].items() if k not in ("losses", "grad_norms")}
         for cfg in CONFIGS:
             torch.manual_seed(0)
             try:
@@ -409,9 +516,17 @@ def main():
                       f"step losses max rel {r['step_loss_rel_max']:.2e}; grad worst {r['grad_rel_l2_worst']:.2e} "
                       f"({r['grad_rel_l2_worst_tensor']}); nf4 {nf4_cell(r['nf4'])} bytes differ; "
                       f"{r['seconds']:.1f} s", flush=True)
+            if "error" not in r and "spec" in r.get("gpu", {}):
+                g = r["gpu"]
+                print(f"{variant}/{cfg['name']}: GPU runtime: loss0 {g['loss0_gpu']:.6f} hf {g['loss0_hf']:.6f}; "
+                      f"step losses max rel {g['step_loss_rel_max']:.2e}; grad worst {g['grad_rel_l2_worst']:.2e}; "
+                      f"GPU adapter in peft: logits rel L2 {g['final_adapter_logits_rel_l2']:.2e}", flush=True)
             with open(out_path, "w") as f:  # after every configuration: a later crash keeps the rest
                 json.dump(report, f, indent=1)
     print(table(report["results"]))
+    if any("gpu" in r for r in report["results"]):
+        print("\nGPU runtime (bf16) vs HF:")
+        print(gpu_table(report["results"]))
     return 1 if crashed else 0
 
 
