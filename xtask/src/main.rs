@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 
 mod bundle;
 mod fsdp_baselines;
+mod fsdp_bench;
 mod pr;
 mod report;
 mod tlparse_bench;
@@ -16,15 +17,18 @@ cargo xtask <command>
 
 Commands:
   bench [SUITE...] [--from-device DIR [--tag NAME]]
-      SUITE: nf4, compile-audit, memlinear (none named = all).
+      SUITE: nf4, compile-audit, memlinear, fsdp (none named = all).
       Runs every benchmark suite that can run here and writes bench/results/*.json and
       bench/RESULTS.md. CPU suites always run. GPU suites run when a GPU (driver, NVRTC,
       device) is present, and the comparison against bitsandbytes / the Unsloth-style
       path when python3 also imports torch and bitsandbytes; otherwise they are listed as
       skipped, with the reason. memlinear runs its CPU bench here; its GPU comparison
       (vs torch eager, Liger, Cut Cross-Entropy) and parity checks run on the GPU machine
-      (`bash bundle/run.sh memlinear`). Results measured elsewhere stay in RESULTS.md,
-      each with its card's name.
+      (`bash bundle/run.sh memlinear`). fsdp times one QLoRA training step (`qlora
+      bench`, every checkpointing mode, with --phases) when a GPU is present, and Unsloth
+      and HF+peft+bitsandbytes when python3 imports them; it has no CPU part (the CPU
+      model is the tests' reference, not a training path to time). Results measured
+      elsewhere stay in RESULTS.md, each with its card's name.
       --from-device DIR [--tag NAME]: take the JSON a device run wrote (the $OUT files
       of `bash bundle/run.sh`) into bench/results (or bench/results/NAME, for a run on
       another card kept beside the main one), then regenerate RESULTS.md.
@@ -116,7 +120,7 @@ fn bench(args: &[String]) -> Result<()> {
         report::write_markdown(&results, &root().join("bench/RESULTS.md"), &[])?;
         return Ok(());
     }
-    const SUITES: [&str; 3] = ["nf4", "compile-audit", "memlinear"];
+    const SUITES: [&str; 4] = ["nf4", "compile-audit", "memlinear", "fsdp"];
     let named: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
     for a in &named {
         if !SUITES.contains(a) {
@@ -143,9 +147,11 @@ fn bench(args: &[String]) -> Result<()> {
                 .into(),
         );
     }
+    if wants("fsdp") {
+        fsdp_bench::bench(&results, &mut skipped)?;
+    }
     if !wants("nf4") {
-        report::write_markdown(&results, &root().join("bench/RESULTS.md"), &skipped)?;
-        return Ok(());
+        return finish(&results, &skipped);
     }
     run(cargo().args(["build", "--release", "--quiet", "-p", "nf4", "--bin", "nf4-bench"]))?;
     let exe = root().join("target/release/nf4-bench");
@@ -188,11 +194,16 @@ fn bench(args: &[String]) -> Result<()> {
             ),
         }
     }
-    report::write_markdown(&results, &root().join("bench/RESULTS.md"), &skipped)?;
+    finish(&results, &skipped)
+}
+
+/// Writes RESULTS.md and says what was skipped here, and why.
+fn finish(results: &Path, skipped: &[String]) -> Result<()> {
+    report::write_markdown(results, &root().join("bench/RESULTS.md"), skipped)?;
     println!("wrote bench/RESULTS.md and bench/results/*.json");
     if !skipped.is_empty() {
         println!("\nSkipped on this machine:");
-        for s in &skipped {
+        for s in skipped {
             println!("  - {s}");
         }
     }

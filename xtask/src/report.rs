@@ -165,6 +165,31 @@ fn fsdp_gpu(md: &mut String, results: &Path, deeper: &str) {
         }
     }
     *md += "\n";
+    // qlora bench --phases: CUDA events around the phases of a few extra steps.
+    let phased: Vec<_> = ours["runs"].as_array().into_iter().flatten().filter(|r| r["phases"].is_object()).collect();
+    if !phased.is_empty() {
+        *md += "Where our step's time goes (`qlora bench --phases`: CUDA events around the phases of 5 more steps, medians, ms; \
+               *idle* = step - the four phases, the GPU waiting on the host; *queued* = the host's time to queue that phase):\n\n\
+               | checkpointing | step | forward | LM head + loss | backward | optimizer | idle | forward queued | backward queued |\n\
+               |---|---|---|---|---|---|---|---|---|\n";
+        for r in phased {
+            let p = &r["phases"];
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                text(r, "checkpointing"),
+                f(p, "step_ms"),
+                f(p, "forward_ms"),
+                f(p, "head_ms"),
+                f(p, "backward_ms"),
+                f(p, "optimizer_ms"),
+                f(p, "gpu_idle_ms"),
+                f(p, "host_forward_ms"),
+                f(p, "host_backward_ms")
+            );
+        }
+        *md += "\n";
+    }
 }
 
 /// The loss curve: ours started from Unsloth's model folder, initial adapter and batches

@@ -138,7 +138,7 @@ fi
 if [[ $what == fsdp || $what == fsdp-bench ]]; then
     mkdir -p "$OUT/fsdp"
     echo "== fsdp: qlora bench (ours), checkpointing ${FSDP_MODES:-off,on,offload}"
-    timeout -k 10 "${FSDP_BENCH_TIMEOUT:-300}" "$B/bin/qlora" bench --checkpointing "${FSDP_MODES:-off,on,offload}" \
+    timeout -k 10 "${FSDP_BENCH_TIMEOUT:-300}" "$B/bin/qlora" bench --checkpointing "${FSDP_MODES:-off,on,offload}" --phases \
         --steps "${FSDP_STEPS:-10}" --warmup "${FSDP_WARMUP:-3}" --json "$OUT/fsdp/ours.json" 2> "$OUT/fsdp/ours.log" || {
         echo "FAILED: qlora bench; the end of its log:"; tail -30 "$OUT/fsdp/ours.log"; status=1; }
 fi

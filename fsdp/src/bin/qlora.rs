@@ -45,6 +45,11 @@ enum Cmd {
     Train(TrainArgs),
     /// Benchmark one training step of a random-weight model (default: the Llama-3.2-1B
     /// shape) on the GPU: tokens/s, step time, memory, MFU; JSON with --json.
+    ///
+    /// Exit status 3 when no GPU can be opened (nothing measured): `cargo xtask bench fsdp`
+    /// reports that as skipped.
+    ///
+    /// Example: `qlora bench --checkpointing off,on,offload --phases --json bench.json`
     Bench(BenchArgs),
 }
 
@@ -396,7 +401,13 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
     if let Some(l) = a.layers {
         config.num_hidden_layers = l;
     }
-    let gpu = cudakit::Gpu::open(0)?;
+    let gpu = match cudakit::Gpu::open(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("qlora bench: skipped: no usable GPU: {e}");
+            std::process::exit(3);
+        }
+    };
     let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
     let t0 = Instant::now();
     let model = match &a.model {
