@@ -164,7 +164,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 );
                 println!(
                     "{{\"kind\":\"attention\",\"card\":\"{card}\",\"model\":\"{name}\",\"seqs\":{seqs},\"seq_len\":{len},\"heads\":{heads},\"kv_heads\":{kv},\"head_dim\":{d},\"docs\":{with_docs},\"tiling\":\"{label}\",\"default\":{},\"fwd_us\":{fwd:.2},\"bwd_us\":{bwd:.2},\"fwd_bwd_us\":{both:.2},\"fwd_tflops\":{:.2},\"bwd_tflops\":{:.2},\"fwd_bwd_tflops\":{:.2},\"effective_fwd_bwd_tflops\":{:.2}}}",
-                    Tiling::default_for(d).map(Path::TensorCore) == Some(path),
+                    if with_docs { Tiling::default_with_docs(d) } else { Tiling::default_for(d) }.map(Path::TensorCore) == Some(path),
                     tf(nominal_fwd, fwd),
                     tf(2.5 * nominal_fwd, bwd),
                     tf(3.5 * nominal_fwd, both),

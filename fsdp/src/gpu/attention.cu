@@ -3,8 +3,11 @@
 // Semantics, layout and launch geometry are documented in attention.rs; this file holds:
 //
 //   tensor-core kernels (sm_80+, mma.sync m16n8k16 + ldmatrix + cp.async):
-//     attn_fwd_tc_<dt>_d<D>_w<NW>_n<BN>  a CTA per (query block of 16*NW rows, head, sequence)
-//     attn_bwd_tc_<dt>_d<D>_m<BM>_w<NW>  a CTA per (key block of 16*NW keys, kv head, sequence)
+//     attn_fwd_tc_<dt>_d<D>_m<BM>_w<NW>_n<BN>  a CTA of NW warps per (block of BM query rows,
+//                                              head, sequence), key tiles of BN
+//     attn_bwd_tc_<dt>_d<D>_m<BM>_n<BN>_w<NW>  a CTA of NW warps per (block of BN keys, kv head,
+//                                              sequence), query tiles of BM
+//   (BM = 16 or 32 rows per warp forward, BN = 16 or 32 keys per warp backward)
 //   portable kernels (any arch, scalar f32, a warp per row):
 //     attn_fwd_simple_<dt>_d<D>, attn_bwd_dq_simple_<dt>_d<D>, attn_bwd_dkdv_simple_<dt>_d<D>
 //   shared by both backward paths:
@@ -316,6 +319,12 @@ DEV void bwd_dkdv_simple(const u16* __restrict__ q, i64 ldq, const u16* __restri
 
 extern __shared__ __align__(128) unsigned char attn_smem[];
 
+// cp.async pipeline depth: K/V tiles in flight in the forward, Q/dO tiles in the backward
+// (attention.rs sizes the shared memory with the same numbers). 3 measured no faster than 2
+// on an H100 at the Llama shapes (and is not tested).
+#define FWD_STAGES 2
+#define BWD_STAGES 2
+
 #if __CUDA_ARCH__ >= 800
 
 DEV float ex2(float x) {
@@ -397,19 +406,27 @@ DEV void load_tile(u32 s, const u16* g, i64 ld, int row0, int rows, int tid) {
     }
 }
 
-// Forward: a CTA of NW warps owns BM = 16*NW query rows of one (head, sequence), each warp
-// 16 rows; it walks key tiles of BN (64 or 128) from the diagonal down, K/V double-buffered with
-// cp.async. S = Q K^T and O += P V on tensor cores (f32 accumulate), online softmax in
-// registers (log2 domain), P re-packed from the S accumulators as the A operand.
-template <class T, int D, int NW, int BN>
+// Forward: a CTA of NW warps owns BM = 16*MT*NW query rows of one (head, sequence); each warp
+// owns 16*MT rows as MT m16 tiles that share every K/V fragment the warp loads (MT = 2 halves
+// the shared-memory reads per tensor-core op, which bound the MT = 1 kernel). The CTA walks
+// key tiles of BN from the diagonal down, K/V multi-buffered with cp.async (FWD_STAGES).
+// S = Q K^T and O += P V on tensor cores (f32 accumulate), online softmax in registers (log2
+// domain, the scale folded into the exp2 argument), P re-packed from the S accumulators as the
+// A operand. Masks are decided per warp (a warp whose rows all see a whole tile skips the mask,
+// which is branch-free inside). No warp skips a tile it cannot see at all (the upper half of
+// the diagonal when BM = 2 BN, or another document's keys): measured on an H100, a plain
+// branch made ptxas wrap the mma.sync and shuffles in divergence handling (5% slower), and a
+// vote-guarded one saved nothing forward and cost the backward registers (8% slower).
+template <class T, int D, int NW, int BN, int MT>
 DEV void fwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk, const u16* __restrict__ v,
                 i64 ldv, const u32* __restrict__ docs, u16* __restrict__ o, i64 ldo, float* __restrict__ lse, int seqs,
                 int L, int heads, int kvh, float scale_log2) {
-    constexpr int BM = 16 * NW, NT = 32 * NW, C = D / 8;
+    constexpr int WR = 16 * MT, BM = WR * NW, NT = 32 * NW, C = D / 8;
+    constexpr int S = FWD_STAGES;
     u16* sQ = (u16*)attn_smem;
-    u16* sK = sQ + BM * D;
-    u16* sV = sK + 2 * BN * D;
-    u32* sKd = (u32*)(sV + 2 * BN * D);
+    u16* sK = sQ + BM * D;      // [S][BN*D]
+    u16* sV = sK + S * BN * D;  // [S][BN*D]
+    u32* sKd = (u32*)(sV + S * BN * D);  // [S][BN]
     __shared__ int s_lo;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
@@ -437,13 +454,22 @@ DEV void fwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
             }
         }
     };
+    // n_lo is not known yet (documents): the prologue's S - 1 tiles may include some below it,
+    // loaded for nothing (never read).
     load_tile<BM, C, NT>(sQa, qb, ldq, m0, L, tid);
-    load_kv(n_hi, 0);
-    cp_commit();
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+        if (n_hi - st >= 0) load_kv(n_hi - st, st);
+        cp_commit();  // one group per stage, empty or not, so that cp_wait<S - 1> counts right
+    }
 
-    const int r0 = m0 + warp * 16 + gr;  // this thread's rows: r0 and r0 + 8
+    // This warp's rows: w0 .. w0 + WR - 1, the thread's w0 + 16 mt + gr (+ 8); wl is the last
+    // row below L (the warp has none when w0 >= L).
+    const int w0 = m0 + warp * WR, wl = min(w0 + WR, L) - 1;
     int n_lo = 0;
-    u32 rd0 = 0, rd1 = 0, dlast = 0;
+    u32 rd[MT][2], dlast = 0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) rd[mt][0] = rd[mt][1] = 0;
     if (db) {
         if (tid == 0) s_lo = 0;
         __syncthreads();
@@ -452,160 +478,205 @@ DEV void fwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
             const int e = n * BN + BN - 1;
             if (e < m0 && db[e] != d0) atomicMax(&s_lo, n + 1);
         }
-        rd0 = db[min(r0, L - 1)];
-        rd1 = db[min(r0 + 8, L - 1)];
-        dlast = db[min(m0 + BM, L) - 1];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            rd[mt][0] = db[min(w0 + 16 * mt + gr, L - 1)];
+            rd[mt][1] = db[min(w0 + 16 * mt + gr + 8, L - 1)];
+        }
+        dlast = db[wl];
         __syncthreads();
         n_lo = s_lo;
     }
 
-    cp_wait<0>();
+    cp_wait<S - 2>();  // Q (in the first group)
     __syncthreads();
-    u32 qf[D / 16][4];
+    u32 qf[MT][D / 16][4];
 #pragma unroll
-    for (int kd = 0; kd < D / 16; ++kd) ldsm4(qf[kd], sQa + swz<C>(warp * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
-
-    float acc[D / 8][4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
-    float mr0 = neg_inf(), mr1 = neg_inf(), lr0 = 0.f, lr1 = 0.f;
+        for (int kd = 0; kd < D / 16; ++kd)
+            ldsm4(qf[mt][kd], sQa + swz<C>(warp * WR + mt * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
 
-    int buf = 0;
+    float acc[MT][D / 8][4], mr[MT][2], lr[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) acc[mt][dn][0] = acc[mt][dn][1] = acc[mt][dn][2] = acc[mt][dn][3] = 0.f;
+        mr[mt][0] = mr[mt][1] = neg_inf();
+        lr[mt][0] = lr[mt][1] = 0.f;
+    }
+
     for (int n = n_hi; n >= n_lo; --n) {
-        if (n > n_lo) {
-            load_kv(n - 1, buf ^ 1);
-            cp_commit();
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
-        __syncthreads();
-
-        const u32 kbase = sKa + buf * BN * D * 2, vbase = sVa + buf * BN * D * 2;
-        float s[BN / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-        for (int kd = 0; kd < D / 16; ++kd) {
-#pragma unroll
-            for (int np = 0; np < BN / 16; ++np) {
-                u32 b[4];
-                ldsm4(b, kbase + swz<C>(np * 16 + ((lane >> 4) << 3) + (lane & 7), 2 * kd + ((lane >> 3) & 1)) * 16);
-                mma<T>(s[2 * np], qf[kd], b[0], b[1]);
-                mma<T>(s[2 * np + 1], qf[kd], b[2], b[3]);
-            }
-        }
-
+        const int buf = (n_hi - n) % S;
+        if (n - (S - 1) >= n_lo) load_kv(n - (S - 1), (n_hi - n + S - 1) % S);
+        cp_commit();
+        cp_wait<S - 1>();
+        __syncthreads();  // tile n landed
         const int n0 = n * BN;
-        const bool need_mask = (n0 + BN - 1 > m0) || (db && sKd[buf * BN] != dlast);
-        if (need_mask) {
+        {
+            const u32 kbase = sKa + buf * BN * D * 2, vbase = sVa + buf * BN * D * 2;
+            float s[MT][BN / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int jl = nt * 8 + 2 * t4 + (e & 1);
-                    const int r = r0 + ((e >> 1) << 3);
-                    bool vis = n0 + jl <= r;
-                    if (db) vis = vis && sKd[buf * BN + jl] == ((e >> 1) ? rd1 : rd0);
-                    if (!vis) s[nt][e] = neg_inf();
+                for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+            for (int kd = 0; kd < D / 16; ++kd) {
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    u32 b[4];
+                    ldsm4(b, kbase + swz<C>(np * 16 + ((lane >> 4) << 3) + (lane & 7), 2 * kd + ((lane >> 3) & 1)) * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma<T>(s[mt][2 * np], qf[mt][kd], b[0], b[1]);
+                        mma<T>(s[mt][2 * np + 1], qf[mt][kd], b[2], b[3]);
+                    }
+                }
+            }
+
+            // Causally, the tile needs a mask iff its last key is after the warp's first row;
+            // with documents, also iff its first key's document is not the warp's last row's
+            // (contiguous documents: otherwise every pair shares one document).
+            // (Branch-free inside: the documents of the thread's keys are read once, 0 without
+            // documents like rd, so that the comparison then always holds.)
+            const bool need_mask = (n0 + BN - 1 > w0) || (db && sKd[buf * BN] != dlast);
+            if (need_mask) {
+                u32 kdoc[BN / 8][2];
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    kdoc[nt][0] = db ? sKd[buf * BN + nt * 8 + 2 * t4] : 0u;
+                    kdoc[nt][1] = db ? sKd[buf * BN + nt * 8 + 2 * t4 + 1] : 0u;
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
+                            const int r = w0 + 16 * mt + gr + ((e >> 1) << 3);
+                            const bool vis = (j <= r) & (kdoc[nt][e & 1] == rd[mt][e >> 1]);
+                            s[mt][nt][e] = vis ? s[mt][nt][e] : neg_inf();
+                        }
+                    }
+                }
+            }
+
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                float rm0 = neg_inf(), rm1 = neg_inf();
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    rm0 = fmaxf(rm0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                    rm1 = fmaxf(rm1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                }
+                rm0 = fmaxf(rm0, __shfl_xor_sync(0xffffffffu, rm0, 1));
+                rm0 = fmaxf(rm0, __shfl_xor_sync(0xffffffffu, rm0, 2));
+                rm1 = fmaxf(rm1, __shfl_xor_sync(0xffffffffu, rm1, 1));
+                rm1 = fmaxf(rm1, __shfl_xor_sync(0xffffffffu, rm1, 2));
+                const float mn0 = fmaxf(mr[mt][0], rm0 * scale_log2), mn1 = fmaxf(mr[mt][1], rm1 * scale_log2);
+                const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
+                const float al0 = ex2(mr[mt][0] - mu0), al1 = ex2(mr[mt][1] - mu1);
+                mr[mt][0] = mn0;
+                mr[mt][1] = mn1;
+                float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+                    s[mt][nt][0] = ex2(__fmaf_rn(s[mt][nt][0], scale_log2, -mu0));
+                    s[mt][nt][1] = ex2(__fmaf_rn(s[mt][nt][1], scale_log2, -mu0));
+                    s[mt][nt][2] = ex2(__fmaf_rn(s[mt][nt][2], scale_log2, -mu1));
+                    s[mt][nt][3] = ex2(__fmaf_rn(s[mt][nt][3], scale_log2, -mu1));
+                    ps0 += s[mt][nt][0] + s[mt][nt][1];
+                    ps1 += s[mt][nt][2] + s[mt][nt][3];
+                }
+                lr[mt][0] = __fmaf_rn(lr[mt][0], al0, ps0);
+                lr[mt][1] = __fmaf_rn(lr[mt][1], al1, ps1);
+#pragma unroll
+                for (int dn = 0; dn < D / 8; ++dn) {
+                    acc[mt][dn][0] *= al0;
+                    acc[mt][dn][1] *= al0;
+                    acc[mt][dn][2] *= al1;
+                    acc[mt][dn][3] *= al1;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = Elem<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    a[mt][1] = Elem<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    a[mt][2] = Elem<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    a[mt][3] = Elem<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    u32 b[4];
+                    ldsm4t(b, vbase + swz<C>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)) * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma<T>(acc[mt][2 * dp], a[mt], b[0], b[1]);
+                        mma<T>(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                    }
                 }
             }
         }
-
-        float rm0 = neg_inf(), rm1 = neg_inf();
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            rm0 = fmaxf(rm0, fmaxf(s[nt][0], s[nt][1]));
-            rm1 = fmaxf(rm1, fmaxf(s[nt][2], s[nt][3]));
-        }
-        rm0 = fmaxf(rm0, __shfl_xor_sync(0xffffffffu, rm0, 1));
-        rm0 = fmaxf(rm0, __shfl_xor_sync(0xffffffffu, rm0, 2));
-        rm1 = fmaxf(rm1, __shfl_xor_sync(0xffffffffu, rm1, 1));
-        rm1 = fmaxf(rm1, __shfl_xor_sync(0xffffffffu, rm1, 2));
-        const float mn0 = fmaxf(mr0, rm0 * scale_log2), mn1 = fmaxf(mr1, rm1 * scale_log2);
-        const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
-        const float al0 = ex2(mr0 - mu0), al1 = ex2(mr1 - mu1);
-        mr0 = mn0;
-        mr1 = mn1;
-        float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            s[nt][0] = ex2(__fmaf_rn(s[nt][0], scale_log2, -mu0));
-            s[nt][1] = ex2(__fmaf_rn(s[nt][1], scale_log2, -mu0));
-            s[nt][2] = ex2(__fmaf_rn(s[nt][2], scale_log2, -mu1));
-            s[nt][3] = ex2(__fmaf_rn(s[nt][3], scale_log2, -mu1));
-            ps0 += s[nt][0] + s[nt][1];
-            ps1 += s[nt][2] + s[nt][3];
-        }
-        lr0 = __fmaf_rn(lr0, al0, ps0);
-        lr1 = __fmaf_rn(lr1, al1, ps1);
-#pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
-            acc[dn][0] *= al0;
-            acc[dn][1] *= al0;
-            acc[dn][2] *= al1;
-            acc[dn][3] *= al1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 a[4] = {Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]), Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                              Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                u32 b[4];
-                ldsm4t(b, vbase + swz<C>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)) * 16);
-                mma<T>(acc[2 * dp], a, b[0], b[1]);
-                mma<T>(acc[2 * dp + 1], a, b[2], b[3]);
-            }
-        }
-        __syncthreads();
-        buf ^= 1;
+        __syncthreads();  // every warp is done with buffer buf before it is refilled
     }
 
-    lr0 += __shfl_xor_sync(0xffffffffu, lr0, 1);
-    lr0 += __shfl_xor_sync(0xffffffffu, lr0, 2);
-    lr1 += __shfl_xor_sync(0xffffffffu, lr1, 1);
-    lr1 += __shfl_xor_sync(0xffffffffu, lr1, 2);
-    const float inv0 = 1.f / lr0, inv1 = 1.f / lr1;
     u16* ob = o + tok0 * ldo + (i64)h * D;
-    if (r0 < L) {
 #pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn)
-            *(u32*)(ob + (i64)r0 * ldo + dn * 8 + 2 * t4) = Elem<T>::pack(acc[dn][0] * inv0, acc[dn][1] * inv0);
-        if (t4 == 0) lse[(tok0 + r0) * heads + h] = (mr0 + log2f(lr0)) * LN2;
-    }
-    if (r0 + 8 < L) {
+    for (int mt = 0; mt < MT; ++mt) {
+        float l0 = lr[mt][0], l1 = lr[mt][1];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+        const int r0 = w0 + 16 * mt + gr;
+        if (r0 < L) {
 #pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn)
-            *(u32*)(ob + (i64)(r0 + 8) * ldo + dn * 8 + 2 * t4) = Elem<T>::pack(acc[dn][2] * inv1, acc[dn][3] * inv1);
-        if (t4 == 0) lse[(tok0 + r0 + 8) * heads + h] = (mr1 + log2f(lr1)) * LN2;
+            for (int dn = 0; dn < D / 8; ++dn)
+                *(u32*)(ob + (i64)r0 * ldo + dn * 8 + 2 * t4) = Elem<T>::pack(acc[mt][dn][0] * inv0, acc[mt][dn][1] * inv0);
+            if (t4 == 0) lse[(tok0 + r0) * heads + h] = (mr[mt][0] + log2f(l0)) * LN2;
+        }
+        if (r0 + 8 < L) {
+#pragma unroll
+            for (int dn = 0; dn < D / 8; ++dn)
+                *(u32*)(ob + (i64)(r0 + 8) * ldo + dn * 8 + 2 * t4) =
+                    Elem<T>::pack(acc[mt][dn][2] * inv1, acc[mt][dn][3] * inv1);
+            if (t4 == 0) lse[(tok0 + r0 + 8) * heads + h] = (mr[mt][1] + log2f(l1)) * LN2;
+        }
     }
 }
 
-// Backward: a CTA of NW warps owns BN = 16*NW keys of one (kv head, sequence), each warp 16
-// keys, with dK, dV in registers; it walks the query tiles (BM rows) that can see those keys,
-// for every query head of the group, Q/dO/lse/D double-buffered with cp.async. Per tile:
+// Backward: a CTA of NW warps owns BN = 16*MT*NW keys of one (kv head, sequence); each warp
+// owns 16*MT keys as MT m16 tiles that share every Q/dO fragment the warp loads, with their
+// dK, dV in registers. The CTA walks the query tiles (BM rows) that can see its keys, for
+// every query head of the group, Q/dO/lse/D multi-buffered with cp.async (BWD_STAGES). Per tile:
 // S^T = K Q^T, dP^T = V dO^T, P = exp2(S*c - lse2), dS = P (dP - D), dV += P^T dO,
-// dK += dS^T Q (A operands re-packed from the accumulators), then dS goes through shared
-// memory for dQ += dS K, added to the f32 accumulator with atomics.
-template <class T, int D, int BM, int NW>
+// dK += dS^T Q (A operands re-packed from the accumulators), then dS^T goes through shared
+// memory for dQ += dS K (the BM x D block split over WR x NW/WR warps), added to the f32
+// accumulator with atomics. Masks are decided per warp; as in the forward, no warp skips a
+// tile it cannot see at all (and dQ runs over every key of the block, without branches).
+template <class T, int D, int BM, int NW, int MT, int WR>
 DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i64 ldk, const u16* __restrict__ v,
                 i64 ldv, const u32* __restrict__ docs, const u16* __restrict__ dout, i64 lddo,
                 const float* __restrict__ ws_lse2, const float* __restrict__ ws_d, float* __restrict__ dq_acc,
                 u16* __restrict__ dk, i64 lddk, u16* __restrict__ dv, i64 lddv, int seqs, int L, int heads, int kvh,
                 float scale, float scale_log2) {
-    constexpr int BN = 16 * NW, NT = 32 * NW, C = D / 8, CM = BM / 8;
-    constexpr int RB = BM / 16, CP = NW / RB, DC = D / CP;  // dQ: warp -> (row block, column part)
-    static_assert(NW % RB == 0 && DC % 16 == 0, "dQ warp split");
+    constexpr int KW = 16 * MT, BN = KW * NW, NT = 32 * NW, C = D / 8, CM = BM / 8;
+    constexpr int RB = BM / 16, WC = NW / WR, RW = RB / WR, DC = D / WC;  // dQ: warp -> (RW row blocks, DC columns)
+    static_assert(NW % WR == 0 && RB % WR == 0 && DC % 16 == 0, "dQ warp split");
     u16* sK = (u16*)attn_smem;
     u16* sV = sK + BN * D;
-    u16* sQ = sV + BN * D;    // [2][BM*D]
-    u16* sO = sQ + 2 * BM * D;  // dO, [2][BM*D]
-    u16* sS = sO + 2 * BM * D;  // dS^T, [BN][BM]
-    float* sL = (float*)(sS + BN * BM);  // [2][BM]
-    float* sD = sL + 2 * BM;             // [2][BM]
-    u32* sQd = (u32*)(sD + 2 * BM);      // [2][BM]
+    constexpr int S = BWD_STAGES;
+    u16* sQ = sV + BN * D;      // [S][BM*D]
+    u16* sO = sQ + S * BM * D;  // dO, [S][BM*D]
+    u16* sS = sO + S * BM * D;  // dS^T, [BN][BM]
+    float* sL = (float*)(sS + BN * BM);  // [S][BM]
+    float* sD = sL + S * BM;             // [S][BM]
+    u32* sQd = (u32*)(sD + S * BM);      // [S][BM]
     __shared__ int s_hi;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
@@ -624,17 +695,22 @@ DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
 
     const int m_first = n0 / BM, nmb = (L + BM - 1) / BM;
     int m_last = nmb - 1;
-    const int j0 = n0 + warp * 16 + gr;  // this thread's keys: j0 and j0 + 8
-    u32 kd0 = 0, kd1 = 0, kd_first = 0;
+    const int kw0 = n0 + warp * KW;  // this warp's keys: kw0 .. kw0 + KW - 1, the thread's kw0 + 16 mt + gr (+ 8)
+    u32 kd[MT][2], kd_first = 0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) kd[mt][0] = kd[mt][1] = 0;
     if (db) {
         if (tid == 0) s_hi = nmb;
         __syncthreads();
         const u32 dn1 = db[n1];
         for (int m = m_first + 1 + tid; m < nmb; m += NT)
             if (m * BM > n1 && db[m * BM] != dn1) atomicMin(&s_hi, m);
-        kd0 = db[min(j0, L - 1)];
-        kd1 = db[min(j0 + 8, L - 1)];
-        kd_first = db[n0];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            kd[mt][0] = db[min(kw0 + 16 * mt + gr, L - 1)];
+            kd[mt][1] = db[min(kw0 + 16 * mt + gr + 8, L - 1)];
+        }
+        kd_first = db[min(kw0, L - 1)];
         __syncthreads();
         m_last = s_hi - 1;
     }
@@ -654,24 +730,27 @@ DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
             if (db) cp4(smem_addr(sQd + buf * BM + i), ok ? db + m0 + i : db, ok);
         }
     };
-    load_q(0, 0);
-    cp_commit();
-
-    float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-        dka[dn][0] = dka[dn][1] = dka[dn][2] = dka[dn][3] = 0.f;
-        dva[dn][0] = dva[dn][1] = dva[dn][2] = dva[dn][3] = 0.f;
+    for (int st = 0; st < S - 1; ++st) {
+        if (st < niters) load_q(st, st);
+        cp_commit();  // one group per stage, empty or not, so that cp_wait<S - 2> counts right
     }
 
-    int buf = 0;
-    for (int it = 0; it < niters; ++it) {
-        cp_wait<0>();
-        __syncthreads();  // (A): tile `it` landed; everyone is done with iteration it-1
-        if (it + 1 < niters) {
-            load_q(it + 1, buf ^ 1);
-            cp_commit();
+    float dka[MT][D / 8][4], dva[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            dka[mt][dn][0] = dka[mt][dn][1] = dka[mt][dn][2] = dka[mt][dn][3] = 0.f;
+            dva[mt][dn][0] = dva[mt][dn][1] = dva[mt][dn][2] = dva[mt][dn][3] = 0.f;
         }
+
+    for (int it = 0; it < niters; ++it) {
+        const int buf = it % S;
+        cp_wait<S - 2>();
+        __syncthreads();  // (A): tile `it` landed; everyone is done with iteration it-1
+        if (it + S - 1 < niters) load_q(it + S - 1, (it + S - 1) % S);  // into iteration it-1's buffer
+        cp_commit();
         const int h = kg * group + it / ntiles;
         const int m0 = (m_first + it % ntiles) * BM;
         const u32 qbase = sQa + buf * BM * D * 2, obase = sOa + buf * BM * D * 2;
@@ -679,123 +758,183 @@ DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
         const float* dbuf = sD + buf * BM;
         const u32* qd = sQd + buf * BM;
 
-        // S^T = K Q^T and dP^T = V dO^T, 16 keys x BM queries per warp.
-        float st[BM / 8][4], dpt[BM / 8][4];
+        {
+            // S^T = K Q^T and dP^T = V dO^T, 16 MT keys x BM queries per warp.
+            float st[MT][BM / 8][4], dpt[MT][BM / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
-            st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-            dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
-        }
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int kd = 0; kd < D / 16; ++kd) {
-            u32 ak[4], av[4];
-            ldsm4(ak, sKa + swz<C>(warp * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
-            ldsm4(av, sVa + swz<C>(warp * 16 + (lane & 15), 2 * kd + (lane >> 4)) * 16);
-#pragma unroll
-            for (int np = 0; np < BM / 16; ++np) {
-                const int row = np * 16 + ((lane >> 4) << 3) + (lane & 7), ch = 2 * kd + ((lane >> 3) & 1);
-                u32 b[4];
-                ldsm4(b, qbase + swz<C>(row, ch) * 16);
-                mma<T>(st[2 * np], ak, b[0], b[1]);
-                mma<T>(st[2 * np + 1], ak, b[2], b[3]);
-                ldsm4(b, obase + swz<C>(row, ch) * 16);
-                mma<T>(dpt[2 * np], av, b[0], b[1]);
-                mma<T>(dpt[2 * np + 1], av, b[2], b[3]);
-            }
-        }
-
-        // P and dS (in place: st <- P, dpt <- dS).
-        const bool need_mask = (m0 < n0 + BN) || (m0 + BM > L) || (db && qd[min(BM, L - m0) - 1] != kd_first);
-#pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int il = nt * 8 + 2 * t4 + (e & 1);
-                float p = ex2(__fmaf_rn(st[nt][e], scale_log2, -lb[il]));
-                if (need_mask) {
-                    const int i = m0 + il, j = j0 + ((e >> 1) << 3);
-                    bool vis = i < L && j <= i;
-                    if (db) vis = vis && qd[il] == ((e >> 1) ? kd1 : kd0);
-                    p = vis ? p : 0.f;
+                for (int nt = 0; nt < BM / 8; ++nt) {
+                    st[mt][nt][0] = st[mt][nt][1] = st[mt][nt][2] = st[mt][nt][3] = 0.f;
+                    dpt[mt][nt][0] = dpt[mt][nt][1] = dpt[mt][nt][2] = dpt[mt][nt][3] = 0.f;
                 }
-                dpt[nt][e] = p * (dpt[nt][e] - dbuf[il]);
-                st[nt][e] = p;
+#pragma unroll
+            for (int kd2 = 0; kd2 < D / 16; ++kd2) {
+                u32 ak[MT][4], av[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int off = swz<C>(warp * KW + mt * 16 + (lane & 15), 2 * kd2 + (lane >> 4)) * 16;
+                    ldsm4(ak[mt], sKa + off);
+                    ldsm4(av[mt], sVa + off);
+                }
+#pragma unroll
+                for (int np = 0; np < BM / 16; ++np) {
+                    const int row = np * 16 + ((lane >> 4) << 3) + (lane & 7), ch = 2 * kd2 + ((lane >> 3) & 1);
+                    u32 b[4];
+                    ldsm4(b, qbase + swz<C>(row, ch) * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma<T>(st[mt][2 * np], ak[mt], b[0], b[1]);
+                        mma<T>(st[mt][2 * np + 1], ak[mt], b[2], b[3]);
+                    }
+                    ldsm4(b, obase + swz<C>(row, ch) * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma<T>(dpt[mt][2 * np], av[mt], b[0], b[1]);
+                        mma<T>(dpt[mt][2 * np + 1], av[mt], b[2], b[3]);
+                    }
+                }
             }
-        }
 
-        // dV += P^T dO, dK += dS^T Q (k = queries).
+            // P and dS (in place: st <- P, dpt <- dS). Causally the warp's keys need a mask iff
+            // the last is after the tile's first query; rows past L are masked; with documents,
+            // iff the warp's first key's document is not the tile's last query's.
+            const bool need_mask =
+                (m0 < kw0 + KW) || (m0 + BM > L) || (db && qd[min(BM, L - m0) - 1] != kd_first);
 #pragma unroll
-        for (int kq = 0; kq < BM / 16; ++kq) {
-            const u32 ap[4] = {Elem<T>::pack(st[2 * kq][0], st[2 * kq][1]), Elem<T>::pack(st[2 * kq][2], st[2 * kq][3]),
-                               Elem<T>::pack(st[2 * kq + 1][0], st[2 * kq + 1][1]),
-                               Elem<T>::pack(st[2 * kq + 1][2], st[2 * kq + 1][3])};
-            const u32 as[4] = {Elem<T>::pack(dpt[2 * kq][0], dpt[2 * kq][1]),
-                               Elem<T>::pack(dpt[2 * kq][2], dpt[2 * kq][3]),
-                               Elem<T>::pack(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
-                               Elem<T>::pack(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                const int row = kq * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), ch = 2 * dp + (lane >> 4);
-                u32 b[4];
-                ldsm4t(b, obase + swz<C>(row, ch) * 16);
-                mma<T>(dva[2 * dp], ap, b[0], b[1]);
-                mma<T>(dva[2 * dp + 1], ap, b[2], b[3]);
-                ldsm4t(b, qbase + swz<C>(row, ch) * 16);
-                mma<T>(dka[2 * dp], as, b[0], b[1]);
-                mma<T>(dka[2 * dp + 1], as, b[2], b[3]);
+                for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        st[mt][nt][e] = ex2(__fmaf_rn(st[mt][nt][e], scale_log2, -lb[nt * 8 + 2 * t4 + (e & 1)]));
+            if (need_mask) {  // branch-free inside, as in the forward
+                u32 qdoc[BM / 8][2];
+#pragma unroll
+                for (int nt = 0; nt < BM / 8; ++nt) {
+                    qdoc[nt][0] = db ? qd[nt * 8 + 2 * t4] : 0u;
+                    qdoc[nt][1] = db ? qd[nt * 8 + 2 * t4 + 1] : 0u;
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = m0 + nt * 8 + 2 * t4 + (e & 1), j = kw0 + 16 * mt + gr + ((e >> 1) << 3);
+                            const bool vis = (i < L) & (j <= i) & (qdoc[nt][e & 1] == kd[mt][e >> 1]);
+                            st[mt][nt][e] = vis ? st[mt][nt][e] : 0.f;
+                        }
+                    }
+                }
             }
-            // dS^T rows (keys) of this warp into shared memory for dQ.
-            const int kr = warp * 16 + gr;
-            *(u32*)(sS + swz<CM>(kr, 2 * kq) * 8 + 2 * t4) = as[0];
-            *(u32*)(sS + swz<CM>(kr + 8, 2 * kq) * 8 + 2 * t4) = as[1];
-            *(u32*)(sS + swz<CM>(kr, 2 * kq + 1) * 8 + 2 * t4) = as[2];
-            *(u32*)(sS + swz<CM>(kr + 8, 2 * kq + 1) * 8 + 2 * t4) = as[3];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < BM / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        dpt[mt][nt][e] = st[mt][nt][e] * (dpt[mt][nt][e] - dbuf[nt * 8 + 2 * t4 + (e & 1)]);
+
+            // dV += P^T dO, dK += dS^T Q (k = queries); dS^T rows (keys) to shared memory.
+#pragma unroll
+            for (int kq = 0; kq < BM / 16; ++kq) {
+                u32 ap[MT][4], as[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ap[mt][0] = Elem<T>::pack(st[mt][2 * kq][0], st[mt][2 * kq][1]);
+                    ap[mt][1] = Elem<T>::pack(st[mt][2 * kq][2], st[mt][2 * kq][3]);
+                    ap[mt][2] = Elem<T>::pack(st[mt][2 * kq + 1][0], st[mt][2 * kq + 1][1]);
+                    ap[mt][3] = Elem<T>::pack(st[mt][2 * kq + 1][2], st[mt][2 * kq + 1][3]);
+                    as[mt][0] = Elem<T>::pack(dpt[mt][2 * kq][0], dpt[mt][2 * kq][1]);
+                    as[mt][1] = Elem<T>::pack(dpt[mt][2 * kq][2], dpt[mt][2 * kq][3]);
+                    as[mt][2] = Elem<T>::pack(dpt[mt][2 * kq + 1][0], dpt[mt][2 * kq + 1][1]);
+                    as[mt][3] = Elem<T>::pack(dpt[mt][2 * kq + 1][2], dpt[mt][2 * kq + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    const int row = kq * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), ch = 2 * dp + (lane >> 4);
+                    u32 b[4];
+                    ldsm4t(b, obase + swz<C>(row, ch) * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma<T>(dva[mt][2 * dp], ap[mt], b[0], b[1]);
+                        mma<T>(dva[mt][2 * dp + 1], ap[mt], b[2], b[3]);
+                    }
+                    ldsm4t(b, qbase + swz<C>(row, ch) * 16);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma<T>(dka[mt][2 * dp], as[mt], b[0], b[1]);
+                        mma<T>(dka[mt][2 * dp + 1], as[mt], b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int kr = warp * KW + mt * 16 + gr;
+                    *(u32*)(sS + swz<CM>(kr, 2 * kq) * 8 + 2 * t4) = as[mt][0];
+                    *(u32*)(sS + swz<CM>(kr + 8, 2 * kq) * 8 + 2 * t4) = as[mt][1];
+                    *(u32*)(sS + swz<CM>(kr, 2 * kq + 1) * 8 + 2 * t4) = as[mt][2];
+                    *(u32*)(sS + swz<CM>(kr + 8, 2 * kq + 1) * 8 + 2 * t4) = as[mt][3];
+                }
+            }
         }
         __syncthreads();  // (B): dS^T complete
 
-        // dQ[BM x D] += dS K: warp -> rows rb*16.., columns cpart*DC..
+        // dQ[BM x D] += dS K.
         {
-            const int rb = warp % RB, cpart = warp / RB;
-            float dqa[DC / 8][4];
+            const int wr = warp % WR, wc = warp / WR;
+            float dqa[RW][DC / 8][4];
 #pragma unroll
-            for (int dn = 0; dn < DC / 8; ++dn) dqa[dn][0] = dqa[dn][1] = dqa[dn][2] = dqa[dn][3] = 0.f;
+            for (int r = 0; r < RW; ++r)
+#pragma unroll
+                for (int dn = 0; dn < DC / 8; ++dn) dqa[r][dn][0] = dqa[r][dn][1] = dqa[r][dn][2] = dqa[r][dn][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
-                u32 a[4];
-                ldsm4t(a, sSa + swz<CM>(kk * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * rb + ((lane >> 3) & 1)) * 16);
+                u32 a[RW][4];
+#pragma unroll
+                for (int r = 0; r < RW; ++r)
+                    ldsm4t(a[r], sSa + swz<CM>(kk * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * (wr * RW + r) + ((lane >> 3) & 1)) * 16);
 #pragma unroll
                 for (int dp = 0; dp < DC / 16; ++dp) {
                     u32 b[4];
-                    ldsm4t(b, sKa + swz<C>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                           cpart * (DC / 8) + 2 * dp + (lane >> 4)) * 16);
-                    mma<T>(dqa[2 * dp], a, b[0], b[1]);
-                    mma<T>(dqa[2 * dp + 1], a, b[2], b[3]);
+                    ldsm4t(b, sKa + swz<C>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), wc * (DC / 8) + 2 * dp + (lane >> 4)) * 16);
+#pragma unroll
+                    for (int r = 0; r < RW; ++r) {
+                        mma<T>(dqa[r][2 * dp], a[r], b[0], b[1]);
+                        mma<T>(dqa[r][2 * dp + 1], a[r], b[2], b[3]);
+                    }
                 }
             }
-            const int i0 = m0 + rb * 16 + gr;
-            float* base = dq_acc + ((tok0 + i0) * heads + h) * D + cpart * DC + 2 * t4;
             const i64 step8 = (i64)8 * heads * D;
 #pragma unroll
-            for (int dn = 0; dn < DC / 8; ++dn) {
-                if (i0 < L) red2(base + dn * 8, dqa[dn][0], dqa[dn][1]);
-                if (i0 + 8 < L) red2(base + step8 + dn * 8, dqa[dn][2], dqa[dn][3]);
+            for (int r = 0; r < RW; ++r) {
+                const int i0 = m0 + (wr * RW + r) * 16 + gr;
+                float* base = dq_acc + ((tok0 + i0) * heads + h) * D + wc * DC + 2 * t4;
+#pragma unroll
+                for (int dn = 0; dn < DC / 8; ++dn) {
+                    if (i0 < L) red2(base + dn * 8, dqa[r][dn][0], dqa[r][dn][1]);
+                    if (i0 + 8 < L) red2(base + step8 + dn * 8, dqa[r][dn][2], dqa[r][dn][3]);
+                }
             }
         }
-        buf ^= 1;
     }
 
     u16* dkb = dk + tok0 * lddk + (i64)kg * D;
     u16* dvb = dv + tok0 * lddv + (i64)kg * D;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-        const int c = dn * 8 + 2 * t4;
-        if (j0 < L) {
-            *(u32*)(dkb + (i64)j0 * lddk + c) = Elem<T>::pack(dka[dn][0] * scale, dka[dn][1] * scale);
-            *(u32*)(dvb + (i64)j0 * lddv + c) = Elem<T>::pack(dva[dn][0], dva[dn][1]);
-        }
-        if (j0 + 8 < L) {
-            *(u32*)(dkb + (i64)(j0 + 8) * lddk + c) = Elem<T>::pack(dka[dn][2] * scale, dka[dn][3] * scale);
-            *(u32*)(dvb + (i64)(j0 + 8) * lddv + c) = Elem<T>::pack(dva[dn][2], dva[dn][3]);
+    for (int mt = 0; mt < MT; ++mt) {
+        const int j0 = kw0 + 16 * mt + gr;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            const int c = dn * 8 + 2 * t4;
+            if (j0 < L) {
+                *(u32*)(dkb + (i64)j0 * lddk + c) = Elem<T>::pack(dka[mt][dn][0] * scale, dka[mt][dn][1] * scale);
+                *(u32*)(dvb + (i64)j0 * lddv + c) = Elem<T>::pack(dva[mt][dn][0], dva[mt][dn][1]);
+            }
+            if (j0 + 8 < L) {
+                *(u32*)(dkb + (i64)(j0 + 8) * lddk + c) = Elem<T>::pack(dka[mt][dn][2] * scale, dka[mt][dn][3] * scale);
+                *(u32*)(dvb + (i64)(j0 + 8) * lddv + c) = Elem<T>::pack(dva[mt][dn][2], dva[mt][dn][3]);
+            }
         }
     }
 }
@@ -817,9 +956,16 @@ DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
 #define TC_BODY(x)
 #endif
 
-#define FWD_TC(dt, T, D, NW, BN)                                                                                \
-    extern "C" __global__ void __launch_bounds__(32 * NW) attn_fwd_tc_##dt##_d##D##_w##NW##_n##BN(FWD_ARGS) {  \
-        TC_BODY((fwd_tc<T, D, NW, BN>(FWD_PASS, scale * LOG2E)));                                               \
+// Names carry the tiling: forward `m<BM>_w<NW>_n<BN>` (query rows per CTA, warps, keys per
+// tile), backward `m<BM>_n<BN>_w<NW>` (query rows per tile, keys per CTA, warps). The
+// instantiations below also fix what the names do not: the minimum of CTAs per SM the
+// registers are budgeted for (MB; 0 sets none: the compiler then uses at most 255 registers
+// but, unlike with an explicit 1, only as many as it needs), and WR, how many warps
+// split dQ's rows.
+#define FWD_TC(dt, T, D, BM, NW, BN, MB)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MB)                                             \
+        attn_fwd_tc_##dt##_d##D##_m##BM##_w##NW##_n##BN(FWD_ARGS) {                                       \
+        TC_BODY((fwd_tc<T, D, NW, BN, BM / (16 * NW)>(FWD_PASS, scale * LOG2E)));                         \
     }
 
 #define BWD_ARGS                                                                                                   \
@@ -827,10 +973,12 @@ DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
         const float *ws_lse2, const float *ws_d, float *dq_acc, u16 *dk, i64 lddk, u16 *dv, i64 lddv, int seqs, int L, \
         int heads, int kvh, float scale
 
-#define BWD_TC(dt, T, D, BM, NW)                                                                               \
-    extern "C" __global__ void __launch_bounds__(32 * NW) attn_bwd_tc_##dt##_d##D##_m##BM##_w##NW(BWD_ARGS) {  \
-        TC_BODY((bwd_tc<T, D, BM, NW>(q, ldq, k, ldk, v, ldv, docs, dout, lddo, ws_lse2, ws_d, dq_acc, dk, lddk, dv, \
-                                      lddv, seqs, L, heads, kvh, scale, scale * LOG2E)));                      \
+#define BWD_TC(dt, T, D, BM, BN, NW, WR, MB)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MB)                                              \
+        attn_bwd_tc_##dt##_d##D##_m##BM##_n##BN##_w##NW(BWD_ARGS) {                                        \
+        TC_BODY((bwd_tc<T, D, BM, NW, BN / (16 * NW), WR>(q, ldq, k, ldk, v, ldv, docs, dout, lddo, ws_lse2, ws_d, \
+                                                          dq_acc, dk, lddk, dv, lddv, seqs, L, heads, kvh, scale, \
+                                                          scale * LOG2E)));                                \
     }
 
 #define PER_DTYPE_DIM(dt, T, D)                                                                                     \
@@ -857,25 +1005,27 @@ DEV void bwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
         int heads, int kvh, float scale) {                                                                          \
         bwd_dkdv_simple<T, D>(q, ldq, k, ldk, v, ldv, docs, dout, lddo, lse, ws_d, dk, lddk, dv, lddv, seqs, L,     \
                               heads, kvh, scale);                                                                   \
-    }                                                                                                               \
-    FWD_TC(dt, T, D, 4, 64)                                                                                         \
-    FWD_TC(dt, T, D, 8, 64)
+    }
 
 PER_DTYPE_DIM(bf16, Bf16, 64)
 PER_DTYPE_DIM(bf16, Bf16, 128)
 PER_DTYPE_DIM(f16, F16, 64)
 PER_DTYPE_DIM(f16, F16, 128)
 
-FWD_TC(bf16, Bf16, 64, 4, 128)
-FWD_TC(bf16, Bf16, 64, 8, 128)
-FWD_TC(f16, F16, 64, 4, 128)
-FWD_TC(f16, F16, 64, 8, 128)
+// The tilings of Tiling::available (attention.rs), each for both dtypes.
+#define TILINGS(dt, T)                   \
+    FWD_TC(dt, T, 64, 64, 4, 64, 0)      \
+    FWD_TC(dt, T, 64, 128, 4, 32, 3)     \
+    FWD_TC(dt, T, 64, 128, 4, 64, 0)     \
+    FWD_TC(dt, T, 64, 64, 2, 64, 0)      \
+    FWD_TC(dt, T, 128, 64, 4, 64, 0)     \
+    FWD_TC(dt, T, 128, 128, 8, 64, 0)    \
+    BWD_TC(dt, T, 64, 64, 64, 4, 2, 0)   \
+    BWD_TC(dt, T, 64, 32, 64, 4, 2, 0)   \
+    BWD_TC(dt, T, 64, 32, 128, 4, 1, 0)  \
+    BWD_TC(dt, T, 64, 64, 128, 8, 2, 0)  \
+    BWD_TC(dt, T, 128, 32, 64, 4, 1, 0)  \
+    BWD_TC(dt, T, 128, 32, 128, 8, 1, 0)
 
-BWD_TC(bf16, Bf16, 64, 64, 4)
-BWD_TC(bf16, Bf16, 64, 64, 8)
-BWD_TC(bf16, Bf16, 128, 32, 4)
-BWD_TC(bf16, Bf16, 128, 32, 8)
-BWD_TC(f16, F16, 64, 64, 4)
-BWD_TC(f16, F16, 64, 64, 8)
-BWD_TC(f16, F16, 128, 32, 4)
-BWD_TC(f16, F16, 128, 32, 8)
+TILINGS(bf16, Bf16)
+TILINGS(f16, F16)

@@ -29,8 +29,14 @@
 //!
 //! | path | kernels | when |
 //! |---|---|---|
-//! | tensor cores | forward: a CTA of `w` warps per (`16 w` query rows, head, sequence), K/V tiles of 64 keys double-buffered through `cp.async`, `S = QK^T` and `O += PV` with `mma.sync.m16n8k16` (f32 accumulate) from `ldmatrix` fragments, online softmax in registers (log2 domain); backward: a CTA per (`16 w` keys, kv head, sequence) walking the query tiles that can see them for every head of the group, dK/dV in registers, dQ added to an f32 accumulator with atomics | sm_80 and newer |
+//! | tensor cores | forward: a CTA of `w` warps per (block of [`Tiling::fwd_rows`] query rows, head, sequence), each warp 16 or 32 rows, K/V tiles double-buffered through `cp.async`, `S = QK^T` and `O += PV` with `mma.sync.m16n8k16` (f32 accumulate) from `ldmatrix` fragments, online softmax in registers (log2 domain); backward: a CTA of `w` warps per (block of [`Tiling::bwd_keys`] keys, kv head, sequence), each warp 16 or 32 keys, walking the query tiles that can see them for every head of the group, dK/dV in registers, dQ added to an f32 accumulator with atomics | sm_80 and newer |
 //! | portable | scalar f32, a warp per row, no tiling: forward; dQ (a warp per query row); dK/dV (a warp per key row) | sm_75 (bf16 emulated), or on request |
+//!
+//! A warp that owns 32 rows (forward) or keys (backward) holds them as two m16 tiles that
+//! share every fragment it loads from shared memory: `ldmatrix` bandwidth, not the tensor
+//! cores, bounds these kernels on an H100 with 16 rows per warp, and halving the loads per
+//! `mma` is what made the defaults faster (forward 15%, backward 11% at the 1B shape). It
+//! costs registers (255, with a few bytes spilled in the backward) and so occupancy.
 //!
 //! Both backward paths start with a pass computing `D = rowsum(dout * o)` (and `lse` in
 //! log2 units) into the workspace. The tensor-core backward gets `dq` through an f32
@@ -40,8 +46,11 @@
 //! recomputes `QK^T` and `dO V^T` (7 GEMM-sized products per tile pair instead of 5, 40%
 //! more tensor-core work); on an H100 the atomics' traffic stays in L2.
 //!
-//! Tiles are skipped when fully masked: causally, and with documents by the rule above.
-//! Heavy CTAs are scheduled first (late query blocks forward, early key blocks backward).
+//! Tiles are skipped when fully masked for the whole CTA: causally, and with documents by
+//! the rule above. Heavy CTAs are scheduled first (late query blocks forward, early key
+//! blocks backward). Short documents favour smaller tiles (a block that straddles a
+//! document boundary works for rows of one document on keys of the other), so
+//! [`Path::Auto`] picks [`Tiling::default_with_docs`] when a document mask is given.
 //!
 //! # Precision
 //!
@@ -50,20 +59,28 @@
 //! (as in FlashAttention-2). `exp2` is the hardware approximation (relative error ~2^-22).
 //!
 //! # Measured (H100 80GB HBM3, bf16, 4 x 2048 tokens, causal; `examples/bench_attention.rs`
-//! and `py/bench_sdpa.py` in one device call; medians of 9 samples of 10 back-to-back calls)
+//! and `py/bench_sdpa.py` in one device call; medians of 9 samples of 10 back-to-back calls;
+//! raw JSON in `fsdp/results/attention-h100/`)
 //!
-//! | shape | ours fwd / bwd / f+b (us) | SDPA flash (FA2) | SDPA default (cuDNN on this torch) |
-//! |---|---|---|---|
-//! | Llama-3.2-1B: 32/8 heads, d 64 | 317 / 881 / 1239 (217 / 195 TF/s) | 284 / 1159 / 1443 | 187 / 847 / 1033 |
-//! | Llama-3.2-3B: 24/8 heads, d 128 | 424 / 1344 / 1837 (243 / 192 TF/s) | 381 / 1644 / 2025 | 210 / 1113 / 1323 |
+//! | shape | ours fwd / bwd / f+b (us) | with documents | before (previous kernels) | SDPA flash (FA2) | SDPA default (cuDNN on this torch) |
+//! |---|---|---|---|---|---|
+//! | Llama-3.2-1B: 32/8 heads, d 64 | 268 / 780 / 1046 (256 / 220 TF/s) | 127 / 419 / 544 | 317 / 881 / 1239; docs 584 | 284 / 1153 / 1437 | 184 / 850 / 1034 |
+//! | Llama-3.2-3B: 24/8 heads, d 128 | 433 / 1326 / 1788 (238 / 194 TF/s) | 185 / 591 / 786 | 424 / 1344 / 1837; docs 829 | 379 / 1639 / 2018 | 206 / 1092 / 1298 |
 //!
-//! (torch 2.11 with `enable_gqa=True`, q/k/v strided views of one fused buffer as here.)
-//! Against FlashAttention-2 the forward is 10% slower and the backward 24% faster; torch's
-//! default SDPA picks cuDNN's Hopper kernels, 1.2x (1B) to 1.4x (3B) faster than ours
-//! forward + backward, mostly in the forward. With a document mask (documents of 64..1024
-//! tokens) the 1B forward + backward takes 584 us. The portable path runs the 1B shape in
-//! 19 ms forward, 52 ms backward. Tiling defaults are the fastest measured; the others
-//! differ by at most a few percent (f8 forward tiles are 25% slower at d 64).
+//! (torch 2.11 with `enable_gqa=True`, q/k/v strided views of one fused buffer as here;
+//! documents of 64..1024 tokens, which SDPA cannot express; "before" from an earlier call on
+//! the same kind of card.) At the 1B shape forward + backward is now level with torch's
+//! default SDPA (cuDNN's Hopper kernels, 1.01x faster) and 1.37x faster than
+//! FlashAttention-2: our backward is 9% faster than cuDNN's, our forward 46% slower (cuDNN
+//! uses Hopper's wgmma, which this sm_80 code does not). At the 3B shape (head_dim 128, where
+//! 32 rows per warp do not fit the registers) cuDNN is 1.38x faster and FA2 1.13x slower.
+//! The portable path runs the 1B shape in 19 ms forward, 52 ms backward.
+//!
+//! Tried and not kept (same card, `fsdp/results/attention-h100/sweep.md`): a 3-stage
+//! `cp.async` pipeline (no faster), register caps for more CTAs per SM (`__launch_bounds__`
+//! minimum blocks: within 2%, except the 32-key forward, which keeps a cap), warps skipping tiles they cannot
+//! see (see attention.cu), 32-row backward tiles with 16 keys per warp (25% slower), 8-warp
+//! CTAs (slower forward and backward).
 //!
 //! # Requirements checked at launch
 //!
@@ -144,39 +161,86 @@ pub struct AttnBackward {
 /// A tiling of the tensor-core kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
-    /// Forward: warps per CTA; the CTA owns `16 * fwd_warps` query rows.
+    /// Forward: warps per CTA.
     pub fwd_warps: u32,
-    /// Forward: keys per tile (64, or 128 for head_dim 64).
+    /// Forward: query rows per CTA, `16 * fwd_warps` or `32 * fwd_warps` (each warp then owns
+    /// two row tiles that share every K/V fragment it loads).
+    pub fwd_rows: u32,
+    /// Forward: keys per tile.
     pub fwd_keys: u32,
     /// Backward: query rows per tile.
     pub bwd_rows: u32,
-    /// Backward: warps per CTA; the CTA owns `16 * bwd_warps` keys.
+    /// Backward: keys per CTA, `16 * bwd_warps` or `32 * bwd_warps` (each warp then owns two
+    /// key tiles that share every Q/dO fragment it loads).
+    pub bwd_keys: u32,
+    /// Backward: warps per CTA.
     pub bwd_warps: u32,
 }
 
 impl Tiling {
-    /// The tilings compiled for `head_dim`; the first is the default (the fastest measured
-    /// on an H100 at the Llama training shapes, see the module docs).
+    /// The tilings compiled for `head_dim`; the first is the default without a document
+    /// mask, [`Tiling::default_with_docs`] the default with one (the fastest measured on an
+    /// H100 at the Llama training shapes, see the module docs).
     pub fn available(head_dim: usize) -> &'static [Tiling] {
-        const fn t(fwd_warps: u32, fwd_keys: u32, bwd_rows: u32, bwd_warps: u32) -> Tiling {
-            Tiling { fwd_warps, fwd_keys, bwd_rows, bwd_warps }
+        const fn t(fwd_rows: u32, fwd_warps: u32, fwd_keys: u32, bwd_rows: u32, bwd_keys: u32, bwd_warps: u32) -> Tiling {
+            Tiling { fwd_warps, fwd_rows, fwd_keys, bwd_rows, bwd_keys, bwd_warps }
         }
-        const D64: [Tiling; 6] =
-            [t(4, 64, 64, 4), t(8, 64, 64, 8), t(4, 64, 64, 8), t(8, 64, 64, 4), t(4, 128, 64, 4), t(8, 128, 64, 8)];
-        const D128: [Tiling; 4] = [t(4, 64, 32, 4), t(8, 64, 32, 4), t(8, 64, 32, 8), t(4, 64, 32, 8)];
+        // Each entry needs its FWD_TC and BWD_TC instantiations in attention.cu. The first is
+        // the default without documents, the one `default_with_docs` names the default with.
+        const D64: [Tiling; 4] = [
+            t(128, 4, 64, 32, 128, 4), // f128x64w4-b32x128w4: default
+            t(64, 2, 64, 64, 64, 4),   // f64x64w2-b64x64w4: default with documents
+            t(64, 4, 64, 64, 128, 8),  // f64x64w4-b64x128w8: the 16-row (16-key) warps
+            t(128, 4, 32, 32, 64, 4),  // f128x32w4-b32x64w4
+        ];
+        const D128: [Tiling; 2] = [t(64, 4, 64, 32, 64, 4), t(128, 8, 64, 32, 128, 8)];
         match head_dim {
             64 => &D64,
             128 => &D128,
             _ => &[],
         }
     }
-    /// The tiling [`Path::Auto`] uses for `head_dim` on sm_80+.
+    /// The tiling [`Path::Auto`] uses for `head_dim` on sm_80+ without a document mask.
     pub fn default_for(head_dim: usize) -> Option<Tiling> {
         Tiling::available(head_dim).first().copied()
     }
-    /// A short label, e.g. `f4x64-b64x4`: forward warps x keys, backward rows x warps.
+    /// The tiling [`Path::Auto`] uses for `head_dim` on sm_80+ with a document mask. Short
+    /// documents favour smaller tiles: a tile that straddles a document boundary does work
+    /// that its other document's rows cannot use.
+    pub fn default_with_docs(head_dim: usize) -> Option<Tiling> {
+        let i = match head_dim {
+            64 => 1,
+            _ => 0,
+        };
+        Tiling::available(head_dim).get(i).copied()
+    }
+    /// A short label, e.g. `f64x64w4-b64x64w4`: forward query rows x keys per tile and warps,
+    /// backward query rows per tile x keys per CTA and warps.
     pub fn label(&self) -> String {
-        format!("f{}x{}-b{}x{}", self.fwd_warps, self.fwd_keys, self.bwd_rows, self.bwd_warps)
+        format!(
+            "f{}x{}w{}-b{}x{}w{}",
+            self.fwd_rows, self.fwd_keys, self.fwd_warps, self.bwd_rows, self.bwd_keys, self.bwd_warps
+        )
+    }
+    /// The forward kernel's name for `dt` (`bf16`/`f16`) and `head_dim`.
+    fn fwd_kernel(&self, dt: &str, d: usize) -> String {
+        format!("attn_fwd_tc_{dt}_d{d}_m{}_w{}_n{}", self.fwd_rows, self.fwd_warps, self.fwd_keys)
+    }
+    /// The backward main kernel's name.
+    fn bwd_kernel(&self, dt: &str, d: usize) -> String {
+        format!("attn_bwd_tc_{dt}_d{d}_m{}_n{}_w{}", self.bwd_rows, self.bwd_keys, self.bwd_warps)
+    }
+    /// Every tensor-core kernel name the launcher may ask for (for the compile test).
+    #[doc(hidden)]
+    pub fn kernel_names(head_dim: usize) -> Vec<String> {
+        let mut v = Vec::new();
+        for dt in ["bf16", "f16"] {
+            for t in Tiling::available(head_dim) {
+                v.push(t.fwd_kernel(dt, head_dim));
+                v.push(t.bwd_kernel(dt, head_dim));
+            }
+        }
+        v
     }
 }
 
@@ -184,7 +248,8 @@ impl Tiling {
 /// exist for tests (the portable path is checked on the H100 too) and the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// Tensor cores with the default tiling on sm_80+, the portable kernels below.
+    /// Tensor cores on sm_80+ with [`Tiling::default_for`], or [`Tiling::default_with_docs`]
+    /// when a document mask is given; the portable kernels below sm_80.
     Auto,
     /// The tensor-core kernels with this tiling (an error below sm_80 or for a tiling not
     /// in [`Tiling::available`]).
@@ -328,10 +393,16 @@ fn current_arch() -> Result<u32, GpuError> {
 }
 
 /// Resolves `path` for the current device: `Some(tiling)` for the tensor-core kernels.
-fn resolve(path: Path, head_dim: usize) -> Result<Option<Tiling>, GpuError> {
+fn resolve(path: Path, head_dim: usize, docs: bool) -> Result<Option<Tiling>, GpuError> {
     match path {
         Path::Portable => Ok(None),
-        Path::Auto => Ok(if current_arch()? >= 80 { Tiling::default_for(head_dim) } else { None }),
+        Path::Auto => Ok(if current_arch()? < 80 {
+            None
+        } else if docs {
+            Tiling::default_with_docs(head_dim)
+        } else {
+            Tiling::default_for(head_dim)
+        }),
         Path::TensorCore(t) => {
             if !Tiling::available(head_dim).contains(&t) {
                 return Err(invalid("path", format!("tiling {t:?} is not compiled for head_dim {head_dim}")));
@@ -396,14 +467,18 @@ fn scale(s: &AttnShape) -> f32 {
     1.0 / (s.head_dim as f32).sqrt()
 }
 
+/// The cp.async pipeline depths of attention.cu (`FWD_STAGES`, `BWD_STAGES`).
+const FWD_STAGES: usize = 2;
+const BWD_STAGES: usize = 2;
+
 fn fwd_smem(t: Tiling, d: usize) -> u32 {
-    let (bm, bn) = (16 * t.fwd_warps as usize, t.fwd_keys as usize);
-    ((bm * d + 4 * bn * d) * 2 + 2 * bn * 4) as u32
+    let (bm, bn, s) = (t.fwd_rows as usize, t.fwd_keys as usize, FWD_STAGES);
+    ((bm * d + 2 * s * bn * d) * 2 + s * bn * 4) as u32
 }
 
 fn bwd_smem(t: Tiling, d: usize) -> u32 {
-    let (bm, bn) = (t.bwd_rows as usize, 16 * t.bwd_warps as usize);
-    ((2 * bn * d + 4 * bm * d + bn * bm) * 2 + 6 * bm * 4) as u32
+    let (bm, bn, s) = (t.bwd_rows as usize, t.bwd_keys as usize, BWD_STAGES);
+    ((2 * bn * d + 2 * s * bm * d + bn * bm) * 2 + 3 * s * bm * 4) as u32
 }
 
 /// Queues the forward on `stream` (the current context's), with [`Path::Auto`].
@@ -444,12 +519,11 @@ pub unsafe fn forward_with(a: &AttnForward, path: Path, stream: CUstream) -> Res
         .int(s.kv_heads)
         .push(scale(&s));
     let mut params = p.1;
-    match resolve(path, d)? {
+    match resolve(path, d, a.docs != 0)? {
         Some(t) => {
             let smem = fwd_smem(t, d);
-            let f = function(&format!("attn_fwd_tc_{dt}_d{d}_w{}_n{}", t.fwd_warps, t.fwd_keys), smem)?;
-            let bm = 16 * t.fwd_warps as usize;
-            let grid = s.seq_len.div_ceil(bm) * s.heads * s.seqs;
+            let f = function(&t.fwd_kernel(dt, d), smem)?;
+            let grid = s.seq_len.div_ceil(t.fwd_rows as usize) * s.heads * s.seqs;
             kernel::launch(f, grid as u32, 32 * t.fwd_warps, smem, stream, &mut params)
         }
         None => {
@@ -488,7 +562,7 @@ pub unsafe fn backward_with(a: &AttnBackward, path: Path, stream: CUstream) -> R
     let rows = tokens * s.heads;
     let (o_lse2, o_d, o_dq, _) = workspace_layout(&s);
     let (ws_lse2, ws_d, ws_dq) = (a.workspace + o_lse2 as u64, a.workspace + o_d as u64, a.workspace + o_dq as u64);
-    let tiling = resolve(path, d)?;
+    let tiling = resolve(path, d, f.docs != 0)?;
 
     let pre = function(&format!("attn_bwd_pre_{dt}_d{d}"), 0)?;
     let mut pp = Params::new()
@@ -520,7 +594,7 @@ pub unsafe fn backward_with(a: &AttnBackward, path: Path, stream: CUstream) -> R
     match tiling {
         Some(t) => {
             let smem = bwd_smem(t, d);
-            let main = function(&format!("attn_bwd_tc_{dt}_d{d}_m{}_w{}", t.bwd_rows, t.bwd_warps), smem)?;
+            let main = function(&t.bwd_kernel(dt, d), smem)?;
             let mut p = common()
                 .ptr(ws_lse2)
                 .ptr(ws_d)
@@ -534,8 +608,7 @@ pub unsafe fn backward_with(a: &AttnBackward, path: Path, stream: CUstream) -> R
                 .int(s.heads)
                 .int(s.kv_heads)
                 .push(scale(&s));
-            let bn = 16 * t.bwd_warps as usize;
-            let grid = s.seq_len.div_ceil(bn) * s.kv_heads * s.seqs;
+            let grid = s.seq_len.div_ceil(t.bwd_keys as usize) * s.kv_heads * s.seqs;
             kernel::launch(main, grid as u32, 32 * t.bwd_warps, smem, stream, &mut p.1)?;
             let cast = function(&format!("attn_bwd_cast_{dt}_d{d}"), 0)?;
             let mut p = Params::new().ptr(ws_dq).ptr(a.dq).ld(a.lddq).int(tokens).int(s.heads).push(scale(&s));
@@ -581,8 +654,11 @@ mod tests {
         // Defaults within 99 KiB (the opt-in limit of sm_86/89, the smallest among sm_80+);
         // the other tilings within an H100's 227 KiB.
         for d in [64, 128] {
-            for (i, &t) in Tiling::available(d).iter().enumerate() {
-                let limit = if i == 0 { 99 * 1024 } else { 227 * 1024 };
+            for &t in Tiling::available(d) {
+                assert!(t.fwd_rows == 16 * t.fwd_warps || t.fwd_rows == 32 * t.fwd_warps, "{t:?}");
+                assert!(t.bwd_keys == 16 * t.bwd_warps || t.bwd_keys == 32 * t.bwd_warps, "{t:?}");
+                let default = [Tiling::default_for(d), Tiling::default_with_docs(d)].contains(&Some(t));
+                let limit = if default { 99 * 1024 } else { 227 * 1024 };
                 assert!(fwd_smem(t, d) <= limit, "{t:?} d{d} fwd {}", fwd_smem(t, d));
                 assert!(bwd_smem(t, d) <= limit, "{t:?} d{d} bwd {}", bwd_smem(t, d));
             }
