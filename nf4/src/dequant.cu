@@ -148,6 +148,23 @@ __device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, c
     return __ldg((const float*)absmax + b);
 }
 
+// Strided output (the `_rows` entries): element e of the flat tensor goes to
+// (e / cols) * ld + e % cols, i.e. rows of `cols` elements written with row stride `ld`
+// (a matrix embedded in a wider one). For units: cols and ld in units of 8 elements
+// (the vector path runs only when both are multiples of 8). Contiguous entries pass
+// STRIDED = false and compile to what they were before.
+struct OutMap {
+    u64 cols;  // elements (scalar path) or units (vector path) per row
+    u64 ld;
+};
+
+template <bool STRIDED> __device__ __forceinline__ u64 map_out(u64 i, OutMap m) {
+    if (!STRIDED) return i;
+    // 32-bit division when the index fits (always, below 2^32 units = 32 G elements).
+    const u64 row = (i >> 32) == 0 && (m.cols >> 32) == 0 ? (u64)((u32)i / (u32)m.cols) : i / m.cols;
+    return row * m.ld + (i - row * m.cols);
+}
+
 // Decodes one unit (8 elements, packed in `word`) with block absmax `a` and stores it.
 template <int OUT>
 __device__ __forceinline__ void decode_store(void* __restrict__ out, u64 u, u32 word, float a, const float* s_code) {
@@ -163,11 +180,11 @@ __device__ __forceinline__ void decode_store(void* __restrict__ out, u64 u, u32 
 
 // One round of a lane: units base + k*32 (k < UNITS) below `limit`. All loads are issued
 // before the first use, so UNITS of them are in flight.
-template <int OUT, bool NESTED>
+template <int OUT, bool NESTED, bool STRIDED = false>
 __device__ __forceinline__ void unit_round(const u8* __restrict__ packed, const void* __restrict__ absmax,
                                            const float* __restrict__ absmax2, const float* s_code2, const float* s_code,
                                            float offset, u32 log2_bs, u32 log2_bs2, u64 base, u64 limit,
-                                           void* __restrict__ out) {
+                                           void* __restrict__ out, OutMap m = OutMap{0, 0}) {
     u32 w[UNITS];
     float am[UNITS];
 #pragma unroll
@@ -183,15 +200,16 @@ __device__ __forceinline__ void unit_round(const u8* __restrict__ packed, const 
 #pragma unroll
     for (int k = 0; k < UNITS; k++) {
         const u64 u = base + (u64)k * 32;
-        if (u < limit) decode_store<OUT>(out, u, w[k], am[k], s_code);
+        if (u < limit) decode_store<OUT>(out, map_out<STRIDED>(u, m), w[k], am[k], s_code);
     }
 }
 
-template <int OUT, bool NESTED>
+template <int OUT, bool NESTED, bool STRIDED = false>
 __device__ __forceinline__ void dequant(
     const u8* __restrict__ packed, const void* __restrict__ absmax, const float* __restrict__ absmax2,
     const float* __restrict__ code2, float offset, const float* __restrict__ code, int qtype, u64 n,
-    u32 log2_bs, u32 log2_bs2, u64 rows_t, u64 cols_t, int aligned, void* __restrict__ out) {
+    u32 log2_bs, u32 log2_bs2, u64 rows_t, u64 cols_t, int aligned, void* __restrict__ out,
+    u64 out_cols = 0, u64 out_ld = 0) {
     __shared__ float s_code[16];
     __shared__ float s_code2[NESTED ? 256 : 1];
     for (int i = threadIdx.x; i < 16; i += THREADS)
@@ -225,7 +243,8 @@ __device__ __forceinline__ void dequant(
     const u64 n_warps = (u64)gridDim.x * (THREADS / 32);
     for (u64 base = ((u64)blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * warp_tile + lane; base < full_units;
          base += n_warps * warp_tile)
-        unit_round<OUT, NESTED>(packed, absmax, absmax2, s_code2, s_code, offset, log2_bs, log2_bs2, base, full_units, out);
+        unit_round<OUT, NESTED, STRIDED>(packed, absmax, absmax2, s_code2, s_code, offset, log2_bs, log2_bs2, base, full_units,
+                                         out, OutMap{out_cols >> 3, out_ld >> 3});
 
 #else
     // LAYOUT 1/2: lane-contiguous 16-byte loads; one absmax per chunk (32 elements never
@@ -271,7 +290,7 @@ __device__ __forceinline__ void dequant(
             const u32 byte = packed[e >> 1];
             const u32 nib = (e & 1) ? (byte & 0xfu) : (byte >> 4);
             const float v = mul_ftz(s_code[nib], a);
-            const u64 dst = rows_t ? (e % cols_t) * rows_t + e / cols_t : e;
+            const u64 dst = rows_t ? (e % cols_t) * rows_t + e / cols_t : map_out<STRIDED>(e, OutMap{out_cols, out_ld});
             store_one<OUT>(out, dst, v);
         }
     }
@@ -298,3 +317,22 @@ ENTRY(nf4_dequant_bf16, 2, false)
 ENTRY(nf4_dequant_nested_f32, 0, true)
 ENTRY(nf4_dequant_nested_f16, 1, true)
 ENTRY(nf4_dequant_nested_bf16, 2, true)
+
+// Strided output: rows of `out_cols` elements with row stride `out_ld` (see map_out).
+// The vector path needs out_cols and out_ld multiples of 8 (the host clears `aligned`
+// otherwise) and LAYOUT 0 (the default; other layouts ignore the stride: the host refuses).
+#define ENTRY_ROWS(NAME, OUT, NESTED)                                                                 \
+    extern "C" __global__ void BOUNDS NAME(                                                         \
+        const u8* __restrict__ packed, const void* __restrict__ absmax, const float* __restrict__ absmax2, \
+        const float* __restrict__ code2, float offset, const float* __restrict__ code, int qtype, u64 n,  \
+        u32 log2_bs, u32 log2_bs2, int aligned, void* __restrict__ out, u64 out_cols, u64 out_ld) {   \
+        dequant<OUT, NESTED, true>(packed, absmax, absmax2, code2, offset, code, qtype, n, log2_bs,     \
+                                   log2_bs2, 0, 1, aligned, out, out_cols, out_ld);                    \
+    }
+
+ENTRY_ROWS(nf4_dequant_rows_f32, 0, false)
+ENTRY_ROWS(nf4_dequant_rows_f16, 1, false)
+ENTRY_ROWS(nf4_dequant_rows_bf16, 2, false)
+ENTRY_ROWS(nf4_dequant_rows_nested_f32, 0, true)
+ENTRY_ROWS(nf4_dequant_rows_nested_f16, 1, true)
+ENTRY_ROWS(nf4_dequant_rows_nested_bf16, 2, true)

@@ -5,7 +5,9 @@
 //!   a new buffer or the caller's, on the [`Gpu`]'s stream. Sizes are checked against the
 //!   state, so the kernel never reads or writes out of bounds.
 //! - [`launch_dequant`] on raw device pointers and a raw stream, for callers that own
-//!   their tensors (the C ABI in [`crate::capi`] is a thin shell around it).
+//!   their tensors (the C ABI in [`crate::capi`] is a thin shell around it), and
+//!   [`launch_dequant_rows`], the same into rows embedded in a wider matrix (a row
+//!   stride for the output: fsdp's linear puts its LoRA `B` beside the weight).
 //!
 //! The kernel allocates nothing and runs on the caller's stream; the launch returns as
 //! soon as it is queued.
@@ -144,6 +146,36 @@ pub unsafe fn launch_dequant(a: &DequantArgs, stream: sys::CUstream) -> Result<(
 /// As [`launch_dequant`]; `v` must be the variant `src` was built from.
 #[doc(hidden)]
 pub unsafe fn launch_dequant_with(src: &KernelSource, v: Variant, a: &DequantArgs, stream: sys::CUstream) -> Result<(), GpuError> {
+    launch_impl(src, v, a, None, stream)
+}
+
+/// [`launch_dequant`] into a matrix embedded in a wider one: element `i` of the tensor
+/// goes to `out[(i / cols) * ld + i % cols]` (rows of `cols` elements, row stride `ld`
+/// elements, `ld >= cols`); the `ld - cols` elements after each row are not written. For
+/// a weight `[rows, cols]` this writes it into the first `cols` columns of a
+/// `[rows, ld]` matrix in one pass (the fsdp linear puts its LoRA `B` beside it). The
+/// absmax blocks follow the flat tensor as always: a block may straddle rows.
+///
+/// Fast (the same vector path as [`launch_dequant`]) when `cols` and `ld` are multiples
+/// of 8 and `out` is 16-byte aligned; correct (element by element) otherwise. `n` must be
+/// a multiple of `cols`; the legacy transposed layout is refused.
+///
+/// # Safety
+/// As [`launch_dequant`], with `out` valid for `(n / cols - 1) * ld + cols` elements.
+pub unsafe fn launch_dequant_rows(a: &DequantArgs, cols: u64, ld: u64, stream: sys::CUstream) -> Result<(), GpuError> {
+    if cols == 0 || ld < cols {
+        return Err(invalid("ld", format!("row stride {ld} must be >= the row length {cols} > 0")));
+    }
+    if a.n % cols != 0 {
+        return Err(invalid("cols", format!("{} elements are not whole rows of {cols}", a.n)));
+    }
+    if a.transposed.is_some() {
+        return Err(invalid("transposed", "a strided output of the legacy transposed layout is not supported"));
+    }
+    launch_impl(source(), DEFAULT_VARIANT, a, Some((cols, ld)), stream)
+}
+
+unsafe fn launch_impl(src: &KernelSource, v: Variant, a: &DequantArgs, rows: Option<(u64, u64)>, stream: sys::CUstream) -> Result<(), GpuError> {
     if !BLOCKSIZES.contains(&(a.blocksize as usize)) {
         return Err(invalid("blocksize", format!("{} is not one of {:?}", a.blocksize, BLOCKSIZES)));
     }
@@ -166,14 +198,22 @@ pub unsafe fn launch_dequant_with(src: &KernelSource, v: Variant, a: &DequantArg
     };
     let out_align = 16;
     let load_align = if v.layout == 0 || v.layout == 3 { 4 } else { 16 };
-    let aligned = (a.transposed.is_none() && a.packed % load_align == 0 && a.out % out_align == 0) as i32;
-    let name = match (nested, a.out_dtype) {
-        (false, FloatDtype::F32) => "nf4_dequant_f32",
-        (false, FloatDtype::F16) => "nf4_dequant_f16",
-        (false, FloatDtype::Bf16) => "nf4_dequant_bf16",
-        (true, FloatDtype::F32) => "nf4_dequant_nested_f32",
-        (true, FloatDtype::F16) => "nf4_dequant_nested_f16",
-        (true, FloatDtype::Bf16) => "nf4_dequant_nested_bf16",
+    // Strided: whole 8-element units per row and 16-byte aligned rows, else scalar.
+    let rows_ok = rows.is_none_or(|(c, ld)| c % 8 == 0 && ld % 8 == 0);
+    let aligned = (a.transposed.is_none() && rows_ok && a.packed % load_align == 0 && a.out % out_align == 0) as i32;
+    let name = match (rows.is_some(), nested, a.out_dtype) {
+        (false, false, FloatDtype::F32) => "nf4_dequant_f32",
+        (false, false, FloatDtype::F16) => "nf4_dequant_f16",
+        (false, false, FloatDtype::Bf16) => "nf4_dequant_bf16",
+        (false, true, FloatDtype::F32) => "nf4_dequant_nested_f32",
+        (false, true, FloatDtype::F16) => "nf4_dequant_nested_f16",
+        (false, true, FloatDtype::Bf16) => "nf4_dequant_nested_bf16",
+        (true, false, FloatDtype::F32) => "nf4_dequant_rows_f32",
+        (true, false, FloatDtype::F16) => "nf4_dequant_rows_f16",
+        (true, false, FloatDtype::Bf16) => "nf4_dequant_rows_bf16",
+        (true, true, FloatDtype::F32) => "nf4_dequant_rows_nested_f32",
+        (true, true, FloatDtype::F16) => "nf4_dequant_rows_nested_f16",
+        (true, true, FloatDtype::Bf16) => "nf4_dequant_rows_nested_bf16",
     };
     let f = kernel::function_in_current_context(src, name)?;
     let qtype: i32 = match a.quant_type {
@@ -191,7 +231,8 @@ pub unsafe fn launch_dequant_with(src: &KernelSource, v: Variant, a: &DequantArg
     let (mut r, mut c) = (rows_t, cols_t);
     let mut al = aligned;
     let mut out = a.out;
-    let mut params: [*mut c_void; 14] = [
+    let (mut oc, mut ol) = rows.unwrap_or((0, 0));
+    let mut params: Vec<*mut c_void> = vec![
         &mut p[0] as *mut u64 as *mut c_void,
         &mut p[1] as *mut u64 as *mut c_void,
         &mut p[2] as *mut u64 as *mut c_void,
@@ -202,11 +243,22 @@ pub unsafe fn launch_dequant_with(src: &KernelSource, v: Variant, a: &DequantArg
         &mut n as *mut u64 as *mut c_void,
         &mut l1 as *mut u32 as *mut c_void,
         &mut l2 as *mut u32 as *mut c_void,
-        &mut r as *mut u64 as *mut c_void,
-        &mut c as *mut u64 as *mut c_void,
-        &mut al as *mut i32 as *mut c_void,
-        &mut out as *mut u64 as *mut c_void,
     ];
+    if rows.is_some() {
+        params.extend([
+            &mut al as *mut i32 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+            &mut oc as *mut u64 as *mut c_void,
+            &mut ol as *mut u64 as *mut c_void,
+        ]);
+    } else {
+        params.extend([
+            &mut r as *mut u64 as *mut c_void,
+            &mut c as *mut u64 as *mut c_void,
+            &mut al as *mut i32 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+        ]);
+    }
     let resident = kernel::resident_blocks(f, THREADS)?;
     let units_per_thread = match v.layout {
         0 => v.units,
