@@ -20,7 +20,11 @@
 //! - `fwd` / `bwd`: the whole call; `fwd no-LoRA` / `bwd no-LoRA`: the same group without
 //!   adapters (dequant + base GEMM + call overhead). LoRA = full - no-LoRA;
 //! - the whole calls again with LoRA dropout (`--dropout P`, default 0.1) on every part
-//!   (third table): its cost over the same calls without dropout.
+//!   (third table): its cost over the same calls without dropout;
+//! - the whole calls with the fused adapter (fourth table: `xa` in `x`'s tail, `g'` in
+//!   `dy`'s tail, one GEMM each way) against the separate adapter GEMMs, interleaved
+//!   (separate, fused, fused, separate) because the card's clocks drift down under a long
+//!   run of large GEMMs; the fifth table splits the fused calls into their pieces.
 
 use std::error::Error;
 
@@ -85,6 +89,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut results = Vec::new();
     let mut lora_rows = Vec::new();
     let mut dropout_rows = Vec::new();
+    let mut fused_rows = Vec::new();
+    let mut probe_rows = Vec::new();
+    let mut probes = Vec::new();
     for spec in &GROUPS {
         let (inf, o) = (spec.inf, spec.outs.iter().sum::<usize>());
         let r_sum = rank * spec.outs.len();
@@ -106,6 +113,41 @@ fn main() -> Result<(), Box<dyn Error>> {
             xs.push(up(&xh)?);
             dys.push(up(&dyh)?);
         }
+        // The fused layout: x [rows, in + R], dy [rows, O + R] (the tails are written).
+        let widen = |v: &[half::bf16], cols: usize| -> Vec<half::bf16> {
+            let mut out = vec![half::bf16::ZERO; rows * (cols + r_sum)];
+            for r in 0..rows {
+                out[r * (cols + r_sum)..r * (cols + r_sum) + cols].copy_from_slice(&v[r * cols..(r + 1) * cols]);
+            }
+            out
+        };
+        let (xwh, dywh) = (widen(&xh, inf), widen(&dyh, o));
+        let mut xws = Vec::new();
+        let mut dyws = Vec::new();
+        for _ in 0..COPIES {
+            xws.push(up(&xwh)?);
+            dyws.push(up(&dywh)?);
+        }
+        drop((xwh, dywh));
+        // For the K-alignment probe: x and dy with R rounded up to 64 columns.
+        let r64 = r_sum.div_ceil(64) * 64;
+        let widen64 = |v: &[half::bf16], cols: usize| -> Vec<half::bf16> {
+            let ld = cols + r64;
+            let mut out = vec![half::bf16::ZERO; rows * ld];
+            for r in 0..rows {
+                out[r * ld..r * ld + cols].copy_from_slice(&v[r * cols..(r + 1) * cols]);
+            }
+            out
+        };
+        let (xph, dyph) = (widen64(&xh, inf), widen64(&dyh, o));
+        let mut xps = Vec::new();
+        let mut dyps = Vec::new();
+        for _ in 0..COPIES {
+            xps.push(up(&xph)?);
+            dyps.push(up(&dyph)?);
+        }
+        drop((xph, dyph));
+        let wpad = s.alloc_zeros::<half::bf16>((o * (inf + r64)).max((o + r64) * inf))?;
         // Adapters, contiguous per group (A stacked [R, in], dA likewise).
         let a = up(&bf16s(&mut rng, r_sum * inf, 1.0 / (inf as f64).sqrt()))?;
         let b = up(&bf16s(&mut rng, o * rank, 0.1))?;
@@ -171,18 +213,76 @@ fn main() -> Result<(), Box<dyn Error>> {
             let c = i % COPIES;
             let g = Group { parts: &sets[c], in_features: inf, dtype: Dtype::Bf16 };
             let xa = if g.lora_rank_sum() > 0 { xap } else { 0 };
-            linear::forward(blas, &g, rows, ptr(gpu, &xs[c]), inf, yp, o, y_dt, beta, xa, scr, sb, st)
+            linear::forward(blas, &g, rows, ptr(gpu, &xs[c]), inf, yp, o, y_dt, beta, xa, r_sum, scr, sb, st)
         };
         let bwd_call = |sets: &[Vec<Part>], i: usize| unsafe {
             let c = i % COPIES;
             let g = Group { parts: &sets[c], in_features: inf, dtype: Dtype::Bf16 };
             let xa = if g.lora_rank_sum() > 0 { xap } else { 0 };
-            linear::backward(blas, &g, rows, ptr(gpu, &xs[c]), inf, xa, ptr(gpu, &dys[c]), o, dxp, inf, Dtype::F32, 0.0, scr, sb, st)
+            linear::backward(blas, &g, rows, ptr(gpu, &xs[c]), inf, xa, r_sum, ptr(gpu, &dys[c]), o, false, dxp, inf, Dtype::F32, 0.0, scr, sb, st)
+        };
+        let (ldxw, lddyw) = (inf + r_sum, o + r_sum);
+        let fwd_fused_call = |i: usize| unsafe {
+            let c = i % COPIES;
+            let g = Group { parts: &full[c], in_features: inf, dtype: Dtype::Bf16 };
+            let x = ptr(gpu, &xws[c]);
+            linear::forward(blas, &g, rows, x, ldxw, yp, o, y_dt, beta, x + 2 * inf as u64, ldxw, scr, sb, st)
+        };
+        let bwd_fused_call = |i: usize| unsafe {
+            let c = i % COPIES;
+            let g = Group { parts: &full[c], in_features: inf, dtype: Dtype::Bf16 };
+            let x = ptr(gpu, &xws[c]);
+            linear::backward(blas, &g, rows, x, ldxw, x + 2 * inf as u64, ldxw, ptr(gpu, &dyws[c]), lddyw, true, dxp, inf, Dtype::F32, 0.0, scr, sb, st)
         };
         let fwd = t(&mut |i| fwd_call(&full, i))?;
         let fwd_bare = t(&mut |i| fwd_call(&bare, i))?;
         let bwd = t(&mut |i| bwd_call(&full, i))?;
         let bwd_bare = t(&mut |i| bwd_call(&bare, i))?;
+        // Interleaved (separate, fused, fused, separate; means of the pairs): a long run of
+        // large GEMMs heats the card and lowers its clocks, so whatever is timed later looks
+        // slower; the mirrored order cancels that drift to first order.
+        let pair = |a: &mut dyn FnMut(usize) -> Result<(), cudakit::GpuError>, b: &mut dyn FnMut(usize) -> Result<(), cudakit::GpuError>| -> Result<(f64, f64), cudakit::GpuError> {
+            let (a1, b1) = (t(a)?, t(b)?);
+            let (b2, a2) = (t(b)?, t(a)?);
+            Ok(((a1 + a2) / 2.0, (b1 + b2) / 2.0))
+        };
+        let (fwd_sep, fwd_fused) = pair(&mut |i| fwd_call(&full, i), &mut |i| fwd_fused_call(i))?;
+        let (bwd_sep, bwd_fused) = pair(&mut |i| bwd_call(&full, i), &mut |i| bwd_fused_call(i))?;
+        // Where the fused calls' time goes: the strided dequant, and the base GEMMs over
+        // K = in + R (fwd) / O + R (bwd), against K rounded up to 64 and the plain K with
+        // the wide strides (all on finite data; the weights' values do not matter here).
+        // Timed one after the other: later columns carry the clock drift described above.
+        let wp = ptr(gpu, &wpad);
+        let dq_rows = t(&mut |i| {
+            let c = i % COPIES;
+            let mut row = 0u64;
+            for q in &qs[c] {
+                let args = q.dequant_args(wp + row * (inf + r_sum) as u64 * 2, nf4::FloatDtype::Bf16);
+                unsafe { nf4::gpu::launch_dequant_rows(&args, inf as u64, (inf + r_sum) as u64, st) }?;
+                row += q.state().shape[0] as u64;
+            }
+            Ok(())
+        })?;
+        let bf = DataType::Bf16;
+        let g_fwd = |k: usize, ld: usize, xs_: &[CudaSlice<half::bf16>]| {
+            t(&mut |i| unsafe { blas.gemm("probe fwd", Op::T, Op::N, o, rows, k, 1.0, Mat::new(wp, bf, ld), Mat::new(ptr(gpu, &xs_[i % COPIES]), bf, ld), beta, Mat::new(yp, ydt, o)) })
+        };
+        let g_bwd = |k: usize, ld: usize, dys_: &[CudaSlice<half::bf16>]| {
+            t(&mut |i| unsafe { blas.gemm("probe bwd", Op::N, Op::N, inf, rows, k, 1.0, Mat::new(wp, bf, inf), Mat::new(ptr(gpu, &dys_[i % COPIES]), bf, ld), 0.0, Mat::new(dxp, DataType::F32, inf)) })
+        };
+        let (pf_k, pf_ld, pf_64) = (g_fwd(inf + r_sum, inf + r_sum, &xws)?, g_fwd(inf, inf + r_sum, &xws)?, g_fwd(inf + r64, inf + r64, &xps)?);
+        let (pb_k, pb_ld, pb_64) = (g_bwd(o + r_sum, o + r_sum, &dyws)?, g_bwd(o, o + r_sum, &dyws)?, g_bwd(o + r64, o + r64, &dyps)?);
+        probe_rows.push(format!(
+            "{:<8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            spec.name, dequant, dq_rows, gemm_fwd, pf_ld, pf_k, pf_64, gemm_bwd, pb_ld, pb_k, pb_64
+        ));
+        probes.push(serde_json::json!({ "group": spec.name, "dequant": dequant, "dequant_rows": dq_rows,
+            "gemm_fwd": gemm_fwd, "gemm_fwd_wide_ld": pf_ld, "gemm_fwd_k_in_plus_r": pf_k, "gemm_fwd_k_pad64": pf_64,
+            "gemm_bwd": gemm_bwd, "gemm_bwd_wide_ld": pb_ld, "gemm_bwd_k_o_plus_r": pb_k, "gemm_bwd_k_pad64": pb_64 }));
+        fused_rows.push(format!(
+            "{:<8} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.1}",
+            spec.name, fwd_sep, fwd_fused, fwd_sep / fwd_fused, bwd_sep, bwd_fused, bwd_sep / bwd_fused, fwd_fused - fwd_bare, bwd_fused - bwd_bare
+        ));
         let (fwd_drop, bwd_drop) = if dropout > 0.0 { (t(&mut |i| fwd_call(&dropped, i))?, t(&mut |i| bwd_call(&dropped, i))?) } else { (fwd, bwd) };
         dropout_rows.push(format!("{:<8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}", spec.name, fwd, fwd_drop, fwd_drop - fwd, bwd, bwd_drop, bwd_drop - bwd));
         // The LoRA GEMMs one kind at a time, as `linear` issues them (contiguous adapters).
@@ -252,6 +352,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "y": if spec.y_f32 { "f32 accumulate" } else { "bf16" },
             "us": { "dequant": dequant, "gemm_fwd": gemm_fwd, "fwd": fwd, "fwd_no_lora": fwd_bare, "lora_fwd": fwd - fwd_bare,
                     "gemm_bwd": gemm_bwd, "bwd": bwd, "bwd_no_lora": bwd_bare, "lora_bwd": bwd - bwd_bare },
+            "fused": { "fwd_separate_us": fwd_sep, "bwd_separate_us": bwd_sep, "fwd_us": fwd_fused, "bwd_us": bwd_fused, "lora_fwd_us": fwd_fused - fwd_bare, "lora_bwd_us": bwd_fused - bwd_bare },
             "dropout": { "p": dropout, "fwd_us": fwd_drop, "bwd_us": bwd_drop, "fwd_extra_us": fwd_drop - fwd, "bwd_extra_us": bwd_drop - bwd },
             "lora_gemms_us": { "fwd_xa": l_xa, "fwd_up": l_up, "bwd_g": l_g, "bwd_dx": l_dxa, "bwd_db": l_db, "bwd_da": l_da },
             "base_gemm_tflops": { "fwd": tf(gemm_fwd), "bwd": tf(gemm_bwd) },
@@ -268,7 +369,17 @@ fn main() -> Result<(), Box<dyn Error>> {
     for r in &dropout_rows {
         println!("{r}");
     }
-    let v = serde_json::json!({ "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "results": results });
+    println!("Fused adapter (us): separate adapter GEMMs vs. K-concatenated into the base GEMM; LoRA = fused - no-LoRA");
+    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "fwd sep", "fwd fused", "speedup", "bwd sep", "bwd fused", "speedup", "LoRA fwd", "LoRA bwd");
+    for r in &fused_rows {
+        println!("{r}");
+    }
+    println!("Fused pieces (us): dequant dense / strided (ld in+R); base GEMM fwd: K=in dense, K=in wide ld, K=in+R, K=in+R64; bwd likewise with O");
+    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "dq", "dq rows", "fwd K", "fwd ld", "fwd K+R", "fwd K+64", "bwd K", "bwd ld", "bwd K+R", "bwd K+64");
+    for r in &probe_rows {
+        println!("{r}");
+    }
+    let v = serde_json::json!({ "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "results": results, "fused_probes": probes });
     if let Some(p) = arg(&args, "--json") {
         std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
         println!("wrote {p}");

@@ -97,6 +97,8 @@ struct Case {
     blocksize: usize,
     /// LoRA dropout probability per part (None: no dropout); the mask seeds are random.
     dropout: Vec<Option<f64>>,
+    /// The fused adapter: `xa` in `x`'s tail (forward), `g'` in `dy`'s tail (backward).
+    fused: bool,
 }
 
 impl Case {
@@ -116,6 +118,7 @@ impl Case {
             contiguous: true,
             blocksize: 64,
             dropout: vec![None; outs.len()],
+            fused: false,
         }
     }
 }
@@ -238,12 +241,21 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
     assert_eq!(g.out_features(), o);
     assert_eq!(g.lora_rank_sum(), r_sum);
 
-    let (ldx, ldy) = (inf + c.pad, o + c.pad);
-    let x_d = up(gpu, &strided(&x.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, inf, ldx, POISON16));
+    // Fused: x carries R more columns (xa is written there), dy too (g' is written there).
+    let tail = if c.fused { r_sum } else { 0 };
+    let (ldx, ldy) = (inf + tail + c.pad, o + c.pad);
+    let x16: Vec<u16> = x.iter().map(|&v| dt.to_bits16(v)).collect();
+    let x_d = up(gpu, &strided(&x16, rows, inf, ldx, POISON16));
     let mut xa_d = s.alloc_zeros::<u16>((rows * r_sum).max(1)).unwrap();
     poison(s, &mut xa_d).unwrap();
     // Without adapters xa is not used: pass null to check that it is allowed.
-    let xa_p = if r_sum == 0 { 0 } else { ptr(gpu, &xa_d) };
+    let (xa_p, ldxa) = if r_sum == 0 {
+        (0, 0)
+    } else if c.fused {
+        (ptr(gpu, &x_d) + 2 * inf as u64, ldx)
+    } else {
+        (ptr(gpu, &xa_d), r_sum)
+    };
     let sb = linear::scratch_bytes(&g, rows);
     let mut scratch = s.alloc_zeros::<u8>(sb).unwrap();
     poison(s, &mut scratch).unwrap();
@@ -259,7 +271,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
             poison(s, &mut y_d).unwrap();
         }
         unsafe {
-            linear::forward(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &y_d), ldy, Dtype::F32, c.beta, xa_p, ptr(gpu, &scratch), sb, s.cu_stream())
+            linear::forward(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &y_d), ldy, Dtype::F32, c.beta, xa_p, ldxa, ptr(gpu, &scratch), sb, s.cu_stream())
         }
         .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
         let v = down(gpu, &y_d);
@@ -270,7 +282,7 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
         if c.beta == 0.0 {
             poison(s, &mut y_d).unwrap();
         }
-        unsafe { linear::forward(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &y_d), ldy, dt, c.beta, xa_p, ptr(gpu, &scratch), sb, s.cu_stream()) }
+        unsafe { linear::forward(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &y_d), ldy, dt, c.beta, xa_p, ldxa, ptr(gpu, &scratch), sb, s.cu_stream()) }
             .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
         let v = down(gpu, &y_d);
         let pad_ok = (0..rows).all(|r| v[r * ldy + o..(r + 1) * ldy].iter().all(|&x| x == POISON16));
@@ -303,21 +315,36 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
     }
     let tol16 = if dt == Dtype::Bf16 { 1e-2 } else { 2e-3 };
     assert_close(&format!("{what}: y"), &y_got, &y_ref, tol16);
-    let xa_got: Vec<f32> = down(gpu, &xa_d).iter().map(|&b| dt.from_bits16(b)).collect();
+    // xa as the forward left it: its own dense matrix, or x's tail (then x's own columns
+    // must be unchanged and the padding after the tail untouched).
+    let xa_bits: Vec<u16> = if c.fused {
+        let v = down(gpu, &x_d);
+        for r in 0..rows {
+            assert!(v[r * ldx..r * ldx + inf] == x16[r * inf..(r + 1) * inf], "{what}: the fused forward changed x (row {r})");
+            assert!(v[r * ldx + inf + r_sum..(r + 1) * ldx].iter().all(|&b| b == POISON16), "{what}: forward wrote into x's padding (row {r})");
+        }
+        assert!(down(gpu, &xa_d).iter().all(|&b| b == POISON16), "{what}: the fused forward wrote the dense xa");
+        (0..rows).flat_map(|r| v[r * ldx + inf..r * ldx + inf + r_sum].to_vec()).collect()
+    } else {
+        down(gpu, &xa_d)
+    };
+    let xa_got: Vec<f32> = xa_bits.iter().map(|&b| dt.from_bits16(b)).collect();
     if r_sum > 0 {
         assert_close(&format!("{what}: xa"), &xa_got, &xa_ref, tol16);
         // The adapter-input-only forward (checkpointing's recompute) writes the same xa,
-        // masks included, bit for bit.
+        // masks included, bit for bit (into a dense matrix, also when x has the tail).
         let mut xa2_d = s.alloc_zeros::<u16>(rows * r_sum).unwrap();
         poison(s, &mut xa2_d).unwrap();
         poison(s, &mut scratch).unwrap();
-        unsafe { linear::forward_adapter_input(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &xa2_d), ptr(gpu, &scratch), sb, s.cu_stream()) }
+        unsafe { linear::forward_adapter_input(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &xa2_d), r_sum, ptr(gpu, &scratch), sb, s.cu_stream()) }
             .unwrap_or_else(|e| panic!("{what}: forward_adapter_input: {e}"));
-        assert_eq!(down(gpu, &xa2_d), down(gpu, &xa_d), "{what}: forward_adapter_input's xa differs from forward's");
+        assert_eq!(down(gpu, &xa2_d), xa_bits, "{what}: forward_adapter_input's xa differs from forward's");
+    } else {
+        assert!(xa_bits.iter().all(|&b| b == POISON16), "{what}: xa written without adapters");
     }
 
     // ---- backward ----
-    let lddy = o + c.pad;
+    let lddy = o + tail + c.pad;
     let lddx = inf + c.pad;
     let dy_d = up(gpu, &strided(&dy.iter().map(|&v| dt.to_bits16(v)).collect::<Vec<_>>(), rows, o, lddy, POISON16));
     let mut dx0: Vec<f32> = if c.dx_beta != 0.0 { (0..rows * inf).map(|_| rng.normal() as f32).collect() } else { vec![0.0; rows * inf] };
@@ -341,8 +368,10 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
             ptr(gpu, &x_d),
             ldx,
             xa_p,
+            ldxa,
             ptr(gpu, &dy_d),
             lddy,
+            c.fused,
             dx_ptr,
             lddx,
             dx_dt,
@@ -363,6 +392,12 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
         v
     };
     let dx_got: Vec<f32> = (0..rows).flat_map(|r| dx_all[r * lddx..r * lddx + inf].to_vec()).collect();
+    // dy: its own columns unchanged, the padding after the tail untouched.
+    let dy_after = down(gpu, &dy_d);
+    for r in 0..rows {
+        assert!(dy_after[r * lddy..r * lddy + o].iter().zip(&dy[r * o..(r + 1) * o]).all(|(&b, &v)| b == dt.to_bits16(v)), "{what}: backward changed dy (row {r})");
+        assert!(dy_after[r * lddy + o + tail..(r + 1) * lddy].iter().all(|&b| b == POISON16), "{what}: backward wrote into dy's padding (row {r})");
+    }
     let (da_got, db_got) = (down(gpu, &da_d), down(gpu, &db_d));
 
     // Reference backward: dx summed over parts, dA / dB accumulated onto their start values.
@@ -530,6 +565,100 @@ fn dropout_in_fused_groups_matches_the_cpu_masks() {
     }
 }
 
+/// The fused adapter (xa in x's tail, g' in dy's tail, one GEMM each way) against the CPU:
+/// the model's four groups at odd sizes, parts with and without adapters, biases, f32 and
+/// 16-bit y overwritten and accumulated, dx in both dtypes, strided, adapters contiguous or
+/// not, dropout on some parts (the backward falls back there) and off.
+#[test]
+fn fused_adapter_matches_the_cpu() {
+    let Some((gpu, blas, mut rng)) = setup("fused_adapter_matches_the_cpu") else { return };
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        for rows in [1, 37, 300] {
+            // q|k|v with GQA, LoRA on q and v only (Bd has a zero block), bias, padding.
+            let mut c = Case::new(dt, rows, 96, &[96, 24, 24]);
+            c.ranks = vec![Some(8), None, Some(8)];
+            c.bias = vec![true, true, true];
+            c.pad = 3;
+            c.fused = true;
+            run_case(&gpu, &blas, &mut rng, &c);
+            // Every part adapted, different ranks, not contiguous, f32 y, dx accumulated.
+            let mut c = Case::new(dt, rows, 72, &[72, 40, 40]);
+            c.ranks = vec![Some(4), Some(8), Some(16)];
+            c.bias = vec![false, true, false];
+            c.y_f32 = true;
+            c.contiguous = false;
+            c.dx_beta = 1.0;
+            c.fused = true;
+            run_case(&gpu, &blas, &mut rng, &c);
+        }
+    }
+    // gate|up (odd in: the strided dequant's element path; blocks straddle rows).
+    let mut c = Case::new(Dtype::Bf16, 129, 67, &[176, 176]);
+    c.ranks = vec![Some(16), Some(8)];
+    c.fused = true;
+    run_case(&gpu, &blas, &mut rng, &c);
+    // down and o as the model runs them: 16-bit residual accumulated, dx 16-bit, both dx
+    // modes, a bias on one, blocksize 128.
+    for dx_beta in [0.0, 1.0] {
+        let mut c = Case::new(Dtype::Bf16, 131, 176, &[64]);
+        c.ranks = vec![Some(16)];
+        c.beta = 1.0;
+        c.dx16 = true;
+        c.dx_beta = dx_beta;
+        c.bias = vec![dx_beta == 1.0];
+        c.pad = 5;
+        c.blocksize = 128;
+        c.fused = true;
+        run_case(&gpu, &blas, &mut rng, &c);
+    }
+    // Dropout: on every part (backward falls back), and mixed with p = 0 / none / no adapter.
+    let mut c = Case::new(Dtype::Bf16, 37, 96, &[96, 24, 24]);
+    c.ranks = vec![Some(8), Some(4), Some(8)];
+    c.dropout = vec![Some(0.1), Some(0.3), Some(0.5)];
+    c.pad = 3;
+    c.fused = true;
+    run_case(&gpu, &blas, &mut rng, &c);
+    let mut c = Case::new(Dtype::Bf16, 45, 72, &[72, 40, 40, 24]);
+    c.ranks = vec![None, Some(8), Some(16), Some(4)];
+    c.dropout = vec![None, None, Some(0.0), Some(0.2)];
+    c.bias = vec![false, true, false, false];
+    c.y_f32 = true;
+    c.contiguous = false;
+    c.dx_beta = 1.0;
+    c.fused = true;
+    run_case(&gpu, &blas, &mut rng, &c);
+    // p = 0 everywhere: the fused backward runs (no fallback).
+    let mut c = Case::new(Dtype::Bf16, 45, 64, &[64, 32]);
+    c.ranks = vec![Some(16), Some(16)];
+    c.dropout = vec![Some(0.0), Some(0.0)];
+    c.fused = true;
+    run_case(&gpu, &blas, &mut rng, &c);
+    // No adapters: fused is a no-op (xa null).
+    let mut c = Case::new(Dtype::Bf16, 50, 48, &[48, 16, 16]);
+    c.fused = true;
+    run_case(&gpu, &blas, &mut rng, &c);
+}
+
+/// The fused and the separate adapter GEMMs agree closely on the same data (they differ
+/// only in rounding: fused rounds y and dx once).
+#[test]
+fn fused_and_separate_adapter_agree() {
+    let Some((gpu, blas, rng)) = setup("fused_and_separate_adapter_agree") else { return };
+    let mut c = Case::new(Dtype::Bf16, 300, 128, &[128, 64, 64]);
+    c.ranks = vec![Some(16), Some(16), Some(16)];
+    c.pad = 2;
+    let sep = run_case(&gpu, &blas, &mut rng.clone(), &c);
+    c.fused = true;
+    let fused = run_case(&gpu, &blas, &mut rng.clone(), &c);
+    let f = |v: &[u32]| v.iter().map(|&b| f32::from_bits(b)).collect::<Vec<f32>>();
+    assert_eq!(fused.xa, sep.xa, "xa is the same GEMM either way");
+    assert_close("y fused vs separate", &f(&fused.y), &f(&sep.y), 1e-2);
+    assert_close("dx fused vs separate", &f(&fused.dx), &f(&sep.dx), 1e-2);
+    assert_close("dA fused vs separate", &f(&fused.da), &f(&sep.da), 1e-3);
+    assert_close("dB fused vs separate", &f(&fused.db), &f(&sep.db), 1e-3);
+    assert_ne!(fused.y, sep.y, "the fused path did not run (bit-identical y)");
+}
+
 /// `p = 0` on every part runs exactly the code without dropout: the same bits out.
 #[test]
 fn dropout_zero_is_bit_identical_to_none() {
@@ -663,7 +792,7 @@ fn bad_arguments_are_errors_naming_the_culprit() {
     let sb = linear::scratch_bytes(&g, rows);
     assert!(sb >= out * inf * 2 + 4 * inf * 2 + rows * 4 * 2);
     let st = s.cu_stream();
-    let fwd = |g: &Group, rows, ldx, ldy, y_dt, beta, xa, sb| unsafe { linear::forward(&blas, g, rows, p, ldx, yp, ldy, y_dt, beta, xa, sp, sb, st) };
+    let fwd = |g: &Group, rows, ldx, ldy, y_dt, beta, xa, sb| unsafe { linear::forward(&blas, g, rows, p, ldx, yp, ldy, y_dt, beta, xa, 4, sp, sb, st) };
     let msg = |r: Result<(), fsdp::gpu::GpuError>| r.expect_err("must be an error").to_string();
     assert!(fwd(&g, rows, inf, out, Dtype::Bf16, 0.0, xap, sb).is_ok());
     assert!(msg(fwd(&g, 0, inf, out, Dtype::Bf16, 0.0, xap, sb)).contains("rows"));
@@ -698,13 +827,24 @@ fn bad_arguments_are_errors_naming_the_culprit() {
     // Backward: gradients required.
     let no_grad = [Part { lora: Some(LoraRef { da: 0, ..lora }), ..part }];
     let gb = Group { parts: &no_grad, ..g };
-    let e = msg(unsafe { linear::backward(&blas, &gb, rows, p, inf, xap, yp, out, p + (512 << 10), inf, Dtype::F32, 0.0, sp, sb, st) });
+    let bwd = |g: &Group, ldxa, lddy, tail, lddx, dx_dt| unsafe { linear::backward(&blas, g, rows, p, inf, xap, ldxa, yp, lddy, tail, p + (512 << 10), lddx, dx_dt, 0.0, sp, sb, st) };
+    let e = msg(bwd(&gb, 4, out, false, inf, Dtype::F32));
     assert!(e.contains("part 0") && e.contains("da"), "{e}");
-    assert!(msg(unsafe { linear::backward(&blas, &g, rows, p, inf, xap, yp, out, p + (512 << 10), inf - 1, Dtype::F32, 0.0, sp, sb, st) }).contains("lddx"));
-    assert!(msg(unsafe { linear::backward(&blas, &g, rows, p, inf, xap, yp, out, p + (512 << 10), inf, Dtype::F16, 0.0, sp, sb, st) }).contains("dx_dt"));
+    assert!(msg(bwd(&g, 4, out, false, inf - 1, Dtype::F32)).contains("lddx"));
+    assert!(msg(bwd(&g, 4, out, false, inf, Dtype::F16)).contains("dx_dt"));
+    assert!(msg(bwd(&g, 3, out, false, inf, Dtype::F32)).contains("ldxa"));
+    // The fused backward needs R writable columns after dy's O.
+    assert!(msg(bwd(&g, 4, out + 3, true, inf, Dtype::F32)).contains("lddy"));
+    assert!(bwd(&g, 4, out + 4, true, inf, Dtype::F32).is_ok());
+    // A dense xa narrower than R; xa in x's tail with too small a row stride.
+    assert!(msg(unsafe { linear::forward(&blas, &g, rows, p, inf, yp, out, Dtype::Bf16, 0.0, xap, 3, sp, sb, st) }).contains("ldxa"));
+    let tail = p + 2 * inf as u64;
+    assert!(msg(unsafe { linear::forward(&blas, &g, rows, p, inf + 3, yp, out, Dtype::Bf16, 0.0, tail, inf + 3, sp, sb, st) }).contains("ldx"));
+    assert!(unsafe { linear::forward(&blas, &g, rows, p, inf + 4, yp, out, Dtype::Bf16, 0.0, tail, inf + 4, sp, sb, st) }.is_ok());
+    assert!(msg(unsafe { linear::forward_adapter_input(&blas, &g, rows, p, inf, xap, 3, sp, sb, st) }).contains("ldxa"));
     // The handle must be bound to the call's stream.
     let other = gpu.ctx().new_stream().unwrap();
-    let e = msg(unsafe { linear::forward(&blas, &g, rows, p, inf, yp, out, Dtype::Bf16, 0.0, xap, sp, sb, other.cu_stream()) });
+    let e = msg(unsafe { linear::forward(&blas, &g, rows, p, inf, yp, out, Dtype::Bf16, 0.0, xap, 4, sp, sb, other.cu_stream()) });
     assert!(e.contains("stream"), "{e}");
     s.synchronize().unwrap();
 }

@@ -185,3 +185,25 @@ DROPOUT_LORA_DX(dropout_lora_dx_f32_bf16, float, bf16_to_f, f32_id, f32_id)
 DROPOUT_LORA_DX(dropout_lora_dx_f32_f16, float, f16_to_f, f32_id, f32_id)
 DROPOUT_LORA_DX(dropout_lora_dx_bf16, u16, bf16_to_f, bf16_to_f, f_to_bf16)
 DROPOUT_LORA_DX(dropout_lora_dx_f16, u16, f16_to_f, f16_to_f, f_to_f16)
+
+// ---- The K-concatenated forward's weight tail (linear.rs, "Fused adapter") ----
+//
+// W' = [W | Bd] [O, in + R]: this writes one part's rows of Bd, `rows` = out_p rows of R
+// columns starting at `dst` (= &W'[off_p, in]), row stride `ld` (= in + R): the columns
+// g0 .. g0 + r of row i hold round(scale * B[i, :]) (B [rows, r] in the compute dtype, one
+// f32 product rounded to nearest even), every other column 0 (`b` null: all zeros, a part
+// without adapter). rows x R elements: a few hundred KB, memory-bound.
+#define LORA_BD(NAME, TO_F, FROM_F)                                                                               \
+    extern "C" __global__ void NAME(u16* dst, long long ld, long long rows, long long R, const u16* b, long long r, \
+                                    long long g0, float scale) {                                                   \
+        long long n = rows * R;                                                                                    \
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;                                 \
+             i += (long long)gridDim.x * blockDim.x) {                                                             \
+            long long row = i / R, j = i - row * R;                                                                \
+            long long k = j - g0;                                                                                  \
+            dst[row * ld + j] = (b && k >= 0 && k < r) ? FROM_F(scale * TO_F(b[row * r + k])) : (u16)0;            \
+        }                                                                                                          \
+    }
+
+LORA_BD(lora_bd_bf16, bf16_to_f, f_to_bf16)
+LORA_BD(lora_bd_f16, f16_to_f, f_to_f16)

@@ -18,8 +18,9 @@
 //! memory QLoRA saves). Per part with an adapter of rank `r_p`, `A_p [r_p, in]`,
 //! `B_p [out_p, r_p]` (compute dtype) and `dA_p`, `dB_p` (f32, accumulated). `R` is the
 //! sum of the ranks of the parts that have an adapter ([`Group::lora_rank_sum`]), and
-//! `xa [rows, R]` (dense, compute dtype) holds each adapted part's `x A_p^T` in its own
-//! column block, in part order.
+//! `xa [rows, R]` (compute dtype, row stride `ldxa`) holds each adapted part's `x A_p^T`
+//! in its own column block, in part order: a matrix of its own, or the tail of `x`'s rows
+//! (the fused adapter, below).
 //!
 //! # GEMMs (cuBLAS, 16-bit inputs, f32 accumulation)
 //!
@@ -34,15 +35,53 @@
 //! per part), `dA += g'^T x` (one GEMM when the parts' `dA` are contiguous, one per part
 //! otherwise).
 //!
+//! # Fused adapter (K-concatenation; opt in per call)
+//!
+//! `y = x W^T + sum_p s_p xa_p B_p^T` is one GEMM over a K-concatenated problem:
+//! `y = [x | xa] [W | Bd]^T`, `K = in + R`. The caller opts in by passing `xa` as `x`'s
+//! own tail: `xa = x + in` elements with `ldxa = ldx >= in + R` (the model gives the
+//! buffers that feed the linears those extra columns). Then the forward
+//!
+//! 1. dequantizes `W` into scratch `W' [O, in + R]` with row stride `in + R` (nf4's
+//!    [`nf4::gpu::launch_dequant_rows`]: the same one pass as a dense dequant, measured
+//!    within 1-3 µs of it);
+//! 2. writes `Bd` into `W'`'s last `R` columns (`linear.cu`'s `lora_bd_*`, `O x R`
+//!    elements): block-diagonal, part `p`'s rows hold `s_p B_p` in its own columns
+//!    `rc_p ..`, zeros elsewhere (zeros for parts without adapter);
+//! 3. writes `xa = x A^T` into `x`'s tail (the same GEMM(s) as without fusion; dropout too);
+//! 4. runs `y = beta y + [x | xa] W'^T` (bias prologue first, as always): `y` is written
+//!    once and never re-read for the adapter, and `beta` is the caller's (0 for `q|k|v`
+//!    and `gate|up`: no read of `y` at all).
+//!
+//! **Where `s_p` goes.** Into the 16-bit copy of `B` (`round(s_p B_p)`, one f32 product
+//! rounded to nearest even), not into `xa`: `xa` must stay `x A^T` for the backward's
+//! `dB += s dy^T xa`, and a second scaled copy of it would cost a pass over `[rows, R]`.
+//! With the usual `s = alpha / r` a power of two (alpha 16, r 16 or 8: `s` = 1, 2) the
+//! product is exact; otherwise it is one bf16 rounding of a weight (relative 2^-9), the
+//! same size as the rounding of `xa` itself, while `y` loses one rounding (PEFT rounds
+//! `base(x)` and `lora(x)` separately and then their sum).
+//!
+//! Backward (`dy_tail`): `dx = dy W + sum_p s_p g_p A_p` is one GEMM over
+//! `dy' = [dy | g']` `[rows, O + R]` (the caller gives `dy` with row stride `>= O + R`
+//! whose tail this call may overwrite; the `g' = s dy B` GEMMs write there) and
+//! `W'' = [W ; A] [O + R, in]` (`W` dequantized dense, the stacked `A` copied right below
+//! it: `R x in` elements). `dA += g'^T x` reads `g'` from `dy`'s tail, `dB` reads `xa`
+//! wherever it is. Not with dropout on a part (its `dx` term is masked): there the call
+//! keeps the separate path (`g'` in scratch, the tail untouched).
+//!
+//! The separate path (a dense `xa`, or `xa` anywhere else; `dy_tail = false`) is
+//! unchanged and still tested; both give the same values up to rounding.
+//!
 //! **Stacked `A`.** `x A^T` and `g' A` are single GEMMs over `A = [A_0; A_1; ...]
 //! [R, in]`. When the adapted parts' `A` buffers are contiguous in part order (the model
 //! can allocate a group's adapters that way) they are used in place; otherwise they are
 //! copied into scratch first (`R * in` elements, small). Likewise `dA` is one GEMM when
 //! the parts' `dA` buffers are contiguous.
 //!
-//! Rounding: `y` in the compute dtype is rounded twice (base + bias in the base GEMM, then
-//! once more per LoRA GEMM); `xa` and `g'` are rounded to the compute dtype (as PEFT
-//! does); `dx`, `dA`, `dB` are f32.
+//! Rounding: `y` in the compute dtype is rounded twice on the separate path (base + bias
+//! in the base GEMM, then once more per LoRA GEMM), once on the fused one; `xa` and `g'`
+//! are rounded to the compute dtype (as PEFT does), and so is `s B` on the fused forward;
+//! `dx`, `dA`, `dB` are f32 (a 16-bit `dx`: rounded per GEMM, one GEMM when fused).
 //!
 //! # LoRA dropout
 //!
@@ -82,6 +121,8 @@
 //! | bwd `dx += g' A` | `2 T R I` | `8 T I` |
 //! | bwd `dB += s xa^T dy` | `2 T Q` | `e T (O + R)` |
 //! | bwd `dA += g'^T x` | `2 T R I` | `e T I` |
+//! | fused fwd: `Bd`, then `y = [x\|xa] [W\|Bd]^T` (replaces the base GEMM and the `y +=` GEMMs) | `2 T (I + R) O` | `e (T (I + R) + O (I + R)) + e_y T O` (+ `e_y T O` read when `beta = 1`) |
+//! | fused bwd: `dx = [dy\|g'] [W;A]` (replaces both `dx` GEMMs) | `2 T (O + R) I` | `e (T (O + R) + (O + R) I) + 4 T I` |
 //!
 //! The model FLOPs that matter are the base GEMMs: `2 T I O` forward, `2 T I O` backward
 //! (no `dW`: the base is frozen). With `r = 16` the adapter adds about `3 r (1/I + 1/O)`
@@ -120,11 +161,32 @@
 //! (`down`: `in = 8192`). Unrolling `k`, keeping a row's `g'` in registers, and one
 //! hash per pair of elements are the next steps.
 //!
+//! With the fused adapter (same binary and card, H100 80GB HBM3, rows 8192, r 16, bf16,
+//! µs; `bench_linear`'s fourth table, separate and fused calls interleaved):
+//!
+//! | group | fwd separate | fwd fused | bwd separate | bwd fused |
+//! |---|---|---|---|---|
+//! | q\|k\|v | 215.5 | 190.0 (1.13x) | 302.2 | 270.0 (1.12x) |
+//! | o, f32 y += | 226.5 | 161.4 (1.40x) | 224.7 | 176.2 (1.28x) |
+//! | gate\|up | 997.1 | 898.2 (1.11x) | 1050.0 | 1025.0 (1.02x) |
+//! | down, f32 y += | 490.2 | 455.1 (1.08x) | 711.3 | 553.8 (1.28x) |
+//!
+//! What is left of the adapter's cost on the fused path is the `x A^T` GEMM (it reads
+//! all of `x`: `down` 50 µs), the `g' = s dy B` and `dB` GEMMs (each reads all of `dy`:
+//! `gate|up` about 100 µs each) and `dA`; `K` grows by `R` (under 2.5 %). Rounding `K` up
+//! to a multiple of 64 gained nothing (fifth table). Training step (`qlora bench`, Llama-3.2-1B
+//! shape, 8192 tokens) with the fused adapters (`RuntimeOptions::fused_lora`) against
+//! without, same binary, two runs each, H100 80GB HBM3: checkpointing off 111.1 / 112.0 ->
+//! 109.2 / 109.0 ms (forward phase 36.7 -> 35.2 ms), on 140.8 / 140.5 -> 136.7 / 135.7 ms,
+//! offload 140.8 / 141.1 -> 136.8 / 136.4 ms; memory held 8.841 -> 8.851, 2.817 -> 2.819,
+//! 2.380 -> 2.383 GB.
+//!
 //! # Scratch
 //!
-//! [`scratch_bytes`]: `W [O, in]` + stacked `A [R, in]` + `g' [rows, R]`, each rounded
-//! up to 256 bytes, plus `xd [rows, in]` when a part has dropout. The cuBLAS workspace
-//! belongs to the [`Blas`] handle.
+//! [`scratch_bytes`]: `W [O, in]` (with adapters: room for `W' [O, in + R]` or
+//! `W'' [O + R, in]`, whichever is larger) + stacked `A [R, in]` + `g' [rows, R]`, each
+//! rounded up to 256 bytes, plus `xd [rows, in]` when a part has dropout. The cuBLAS
+//! workspace belongs to the [`Blas`] handle.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -242,7 +304,10 @@ fn layout(g: &Group, rows: usize) -> Layout {
     let e = g.dtype.size();
     let (o, i, r) = (g.out_features(), g.in_features, g.lora_rank_sum());
     let w = 0;
-    let a = w + up(o * i * e);
+    // The fused paths' W' = [W | Bd] [O, in + R] (forward) and W'' = [W ; A] [O + R, in]
+    // (backward) take the place of W [O, in].
+    let w_elems = if r > 0 { (o * (i + r)).max((o + r) * i) } else { o * i };
+    let a = w + up(w_elems * e);
     let gg = a + up(r * i * e);
     let d = gg + up(rows * r * e);
     let total = if g.has_dropout() { d + up(rows * i * e) } else { d };
@@ -250,8 +315,9 @@ fn layout(g: &Group, rows: usize) -> Layout {
 }
 
 /// Bytes of scratch [`forward`] and [`backward`] need for `rows` rows of group `g`: the
-/// dequantized weight `[O, in]`, the stacked `A [R, in]` and `g' [rows, R]`, in the compute
-/// dtype, and with dropout on a part `xd [rows, in]` too, each rounded up to 256 bytes.
+/// dequantized weight `[O, in]` (with adapters, room for the fused paths' `[O, in + R]` or
+/// `[O + R, in]`), the stacked `A [R, in]` and `g' [rows, R]`, in the compute dtype, and
+/// with dropout on a part `xd [rows, in]` too, each rounded up to 256 bytes.
 pub fn scratch_bytes(g: &Group, rows: usize) -> usize {
     layout(g, rows).total
 }
@@ -371,14 +437,67 @@ fn check_common(blas: &Blas, g: &Group, rows: usize, scratch: u64, scratch_len: 
     Ok(lay)
 }
 
-/// Dequantizes every part into consecutive rows of `W` in scratch.
-unsafe fn dequant_group(g: &Group, w: u64, stream: CUstream) -> Result<(), GpuError> {
+/// Dequantizes every part into consecutive rows of `W` in scratch, row stride `ldw`
+/// (`in`: dense; `in + R`: the fused forward's `W'`, the tail columns left for `Bd`).
+unsafe fn dequant_group(g: &Group, w: u64, ldw: usize, stream: CUstream) -> Result<(), GpuError> {
     let e = g.dtype.size() as u64;
     let mut row = 0u64;
     for p in g.parts {
-        let args = p.weight.weight.dequant_args(w + row * g.in_features as u64 * e, nf4_dtype(g.dtype));
-        nf4::gpu::launch_dequant(&args, stream)?;
+        let args = p.weight.weight.dequant_args(w + row * ldw as u64 * e, nf4_dtype(g.dtype));
+        if ldw == g.in_features {
+            nf4::gpu::launch_dequant(&args, stream)?;
+        } else {
+            nf4::gpu::launch_dequant_rows(&args, g.in_features as u64, ldw as u64, stream)?;
+        }
         row += p.out_features as u64;
+    }
+    Ok(())
+}
+
+/// The fused forward's `Bd`: columns `in .. in + R` of `W' [O, in + R]` (`w` is `W'`):
+/// part `p`'s rows hold `s_p B_p` (rounded once to the compute dtype) in its own column
+/// block `rc_p .. rc_p + r_p`, zeros elsewhere (`linear.cu`'s `lora_bd_*`, one launch per
+/// part).
+unsafe fn write_bd(g: &Group, w: u64, stream: CUstream) -> Result<(), GpuError> {
+    let name = match g.dtype {
+        Dtype::Bf16 => "lora_bd_bf16",
+        _ => "lora_bd_f16",
+    };
+    let f = function_in_current_context(source(), name)?;
+    let e = g.dtype.size() as u64;
+    let (inf, r_all) = (g.in_features, g.lora_rank_sum());
+    let ld = inf + r_all;
+    let (mut row, mut rc) = (0usize, 0usize);
+    for p in g.parts {
+        let (b, r, scale) = p.lora.map_or((0, 0, 0.0), |l| (l.b, l.r, l.scale));
+        let n = (p.out_features * r_all) as u64;
+        let (mut dst, mut ld_, mut rows_, mut rr, mut bp, mut r_, mut g0, mut sc) =
+            (w + ((row * ld + inf) as u64) * e, ld as i64, p.out_features as i64, r_all as i64, b, r as i64, rc as i64, scale);
+        let mut args: [*mut c_void; 8] = [
+            &mut dst as *mut _ as *mut c_void,
+            &mut ld_ as *mut _ as *mut c_void,
+            &mut rows_ as *mut _ as *mut c_void,
+            &mut rr as *mut _ as *mut c_void,
+            &mut bp as *mut _ as *mut c_void,
+            &mut r_ as *mut _ as *mut c_void,
+            &mut g0 as *mut _ as *mut c_void,
+            &mut sc as *mut _ as *mut c_void,
+        ];
+        launch(f, n.div_ceil(256).clamp(1, 4096) as u32, 256, 0, stream, &mut args)?;
+        row += p.out_features;
+        rc += r;
+    }
+    Ok(())
+}
+
+/// `[A_0; A_1; ...]` (the adapted parts' `A`, `R` rows of `in`) copied to `dst`.
+unsafe fn copy_a(g: &Group, dst: u64, stream: CUstream) -> Result<(), GpuError> {
+    let row_bytes = (g.in_features * g.dtype.size()) as u64;
+    let mut at = dst;
+    for l in g.parts.iter().filter_map(|p| p.lora) {
+        let bytes = l.r as u64 * row_bytes;
+        drv::cuMemcpyDtoDAsync_v2(at, l.a, bytes as usize, stream).result().map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
+        at += bytes;
     }
     Ok(())
 }
@@ -392,12 +511,7 @@ unsafe fn stacked_a(g: &Group, dst: u64, stream: CUstream) -> Result<u64, GpuErr
     if contiguous {
         return Ok(adapters[0].a);
     }
-    let mut at = dst;
-    for l in &adapters {
-        let bytes = l.r as u64 * row_bytes;
-        drv::cuMemcpyDtoDAsync_v2(at, l.a, bytes as usize, stream).result().map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
-        at += bytes;
-    }
+    copy_a(g, dst, stream)?;
     Ok(dst)
 }
 
@@ -443,14 +557,21 @@ unsafe fn bias_prologue(g: &Group, rows: usize, y: u64, ldy: usize, y_dt: Dtype,
 
 /// Forward of group `g` over `rows` rows:
 /// `y[rows, O] (row stride ldy) = beta * y + x W^T + bias + sum_p s_p (x A_p^T) B_p^T`,
-/// and `xa [rows, R]` (dense, compute dtype) = each adapted part's `x A_p^T`, kept for the
-/// backward (`xa` may be 0 when `R == 0`).
+/// and `xa [rows, R]` (compute dtype, row stride `ldxa`) = each adapted part's `x A_p^T`,
+/// kept for the backward (`xa` may be 0 when `R == 0`).
 ///
 /// `x`: compute dtype `[rows, in]`, row stride `ldx`. `y_dt` is the compute dtype or
 /// `F32`; `beta` is 0 (overwrite) or 1 (accumulate: the model adds the `o_proj` /
-/// `down_proj` outputs into its residual stream). A 16-bit `y` with adapters is rounded
-/// once by the base GEMM and once per adapter GEMM, as PEFT's `base(x) + lora(x)` is.
-/// `scratch` holds [`scratch_bytes`]`(g, rows)` bytes, 16-byte aligned.
+/// `down_proj` outputs into its residual stream). `scratch` holds
+/// [`scratch_bytes`]`(g, rows)` bytes, 16-byte aligned.
+///
+/// **Fused adapter** (opt in): when `xa == x + in` elements and `ldxa == ldx` (so
+/// `ldx >= in + R`), `xa` is written into the columns `in .. in + R` of `x`'s own rows and
+/// the whole output is one GEMM over `x' = [x | xa]` and `W' = [W | Bd]` (see the module
+/// docs): `y` is written once, rounded once. Otherwise `xa` is its own matrix
+/// (`ldxa >= R`) and the adapters add onto `y` in GEMMs of their own (a 16-bit `y` then
+/// rounded once by the base GEMM and once per adapter GEMM, as PEFT's
+/// `base(x) + lora(x)` is).
 ///
 /// Queues work on `stream` (which must be `blas`'s); never allocates or synchronizes.
 ///
@@ -470,6 +591,7 @@ pub unsafe fn forward(
     y_dt: Dtype,
     beta: f32,
     xa: u64,
+    ldxa: usize,
     scratch: u64,
     scratch_bytes: usize,
     stream: CUstream,
@@ -483,6 +605,7 @@ pub unsafe fn forward(
     if r > 0 && xa == 0 {
         return Err(invalid("xa", format!("is a null pointer but the group has adapters (R = {r})")));
     }
+    let fused = is_fused(g, x, ldx, xa, ldxa, r)?;
     if y_dt != g.dtype && y_dt != Dtype::F32 {
         return Err(invalid("y_dt", format!("must be the compute dtype {} or f32, got {}", g.dtype.name(), y_dt.name())));
     }
@@ -495,7 +618,16 @@ pub unsafe fn forward(
     let w = scratch + lay.w as u64;
     let inf = g.in_features;
 
-    dequant_group(g, w, stream)?;
+    if fused {
+        // W' = [W | Bd] [O, in + R]; xa into x's tail; y (+)= [x | xa] W'^T, one GEMM.
+        let k = inf + r;
+        dequant_group(g, w, k, stream)?;
+        write_bd(g, w, stream)?;
+        adapter_input(blas, g, rows, x, ldx, xa, ldxa, r, scratch, &lay, stream)?;
+        let base_beta = bias_prologue(g, rows, y, ldy, y_dt, beta, stream)?;
+        return blas.gemm("linear forward: y = [x|xa] [W|sB]^T", Op::T, Op::N, o, rows, k, 1.0, Mat::new(w, dt, k), Mat::new(x, dt, ldx), base_beta, Mat::new(y, ydt, ldy));
+    }
+    dequant_group(g, w, inf, stream)?;
     let base = |beta: f32| {
         // y^T [O, rows] = W [O, in] x^T (column-major view of row-major y = x W^T).
         blas.gemm("linear forward: y = x W^T", Op::T, Op::N, o, rows, inf, 1.0, Mat::new(w, dt, inf), Mat::new(x, dt, ldx), beta, Mat::new(y, ydt, ldy))
@@ -512,7 +644,7 @@ pub unsafe fn forward(
     if r == 0 {
         return Ok(());
     }
-    adapter_input(blas, g, rows, x, ldx, xa, r, scratch, &lay, stream)?;
+    adapter_input(blas, g, rows, x, ldx, xa, ldxa, r, scratch, &lay, stream)?;
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
         if let Some(l) = p.lora {
@@ -526,7 +658,7 @@ pub unsafe fn forward(
                 l.r,
                 l.scale,
                 Mat::new(l.b, dt, l.r),
-                Mat::new(xa + rc as u64 * e, dt, r),
+                Mat::new(xa + rc as u64 * e, dt, ldxa),
                 if lora_first { 0.0 } else { 1.0 },
                 Mat::new(y + col as u64 * ye, ydt, ldy),
             )?;
@@ -538,6 +670,22 @@ pub unsafe fn forward(
         base(1.0)?;
     }
     Ok(())
+}
+
+/// Whether `xa` is `x`'s tail (the fused forward); checks the strides either way.
+fn is_fused(g: &Group, x: u64, ldx: usize, xa: u64, ldxa: usize, r: usize) -> Result<bool, GpuError> {
+    if r == 0 {
+        return Ok(false);
+    }
+    let inf = g.in_features;
+    if x != 0 && xa == x + (inf * g.dtype.size()) as u64 && ldxa == ldx {
+        if ldx < inf + r {
+            return Err(invalid("ldx", format!("row stride {ldx}: xa in x's tail needs in + R = {} columns", inf + r)));
+        }
+        return Ok(true);
+    }
+    check_ld("ldxa", ldxa, r)?;
+    Ok(false)
 }
 
 /// Only the adapters' input products of [`forward`]: `xa [rows, R] = x A_p^T` per adapted
@@ -556,6 +704,7 @@ pub unsafe fn forward_adapter_input(
     x: u64,
     ldx: usize,
     xa: u64,
+    ldxa: usize,
     scratch: u64,
     scratch_bytes: usize,
     stream: CUstream,
@@ -568,21 +717,23 @@ pub unsafe fn forward_adapter_input(
     if x == 0 || xa == 0 {
         return Err(invalid(if x == 0 { "x" } else { "xa" }, "is a null pointer"));
     }
+    is_fused(g, x, ldx, xa, ldxa, r)?;
     let lay = check_common(blas, g, rows, scratch, scratch_bytes, stream)?;
-    adapter_input(blas, g, rows, x, ldx, xa, r, scratch, &lay, stream)
+    adapter_input(blas, g, rows, x, ldx, xa, ldxa, r, scratch, &lay, stream)
 }
 
-/// `xa [rows, R] = x A^T` over the stacked `A` (copied to scratch when the parts' `A` are
-/// not contiguous); with dropout on a part, part by part, each dropped part reading its
-/// `xd_p` (written into scratch).
+/// `xa [rows, R] (row stride ldxa) = x A^T` over the stacked `A` (copied to scratch when
+/// the parts' `A` are not contiguous); with dropout on a part, part by part, each dropped
+/// part reading its `xd_p` (written into scratch). `xa` may be `x`'s tail: the GEMMs read
+/// only `x`'s first `in` columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, xa: u64, r: usize, scratch: u64, lay: &Layout, stream: CUstream) -> Result<(), GpuError> {
+unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, xa: u64, ldxa: usize, r: usize, scratch: u64, lay: &Layout, stream: CUstream) -> Result<(), GpuError> {
     let dt = blas_dtype(g.dtype);
     let inf = g.in_features;
     if !g.has_dropout() {
         let a = stacked_a(g, scratch + lay.a as u64, stream)?;
         // xa^T [R, rows] = A [R, in] x^T.
-        return blas.gemm("linear forward: xa = x A^T", Op::T, Op::N, r, rows, inf, 1.0, Mat::new(a, dt, inf), Mat::new(x, dt, ldx), 0.0, Mat::new(xa, dt, r));
+        return blas.gemm("linear forward: xa = x A^T", Op::T, Op::N, r, rows, inf, 1.0, Mat::new(a, dt, inf), Mat::new(x, dt, ldx), 0.0, Mat::new(xa, dt, ldxa));
     }
     let xd = scratch + lay.d as u64;
     let e = g.dtype.size() as u64;
@@ -596,7 +747,7 @@ unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize,
             None => (x, ldx),
         };
         // xa_p^T [r, rows] = A_p [r, in] xd_p^T.
-        blas.gemm("linear forward: xa_p = xd_p A_p^T", Op::T, Op::N, l.r, rows, inf, 1.0, Mat::new(l.a, dt, inf), Mat::new(src, dt, ld), 0.0, Mat::new(xa + rc as u64 * e, dt, r))?;
+        blas.gemm("linear forward: xa_p = xd_p A_p^T", Op::T, Op::N, l.r, rows, inf, 1.0, Mat::new(l.a, dt, inf), Mat::new(src, dt, ld), 0.0, Mat::new(xa + rc as u64 * e, dt, ldxa))?;
         rc += l.r;
     }
     Ok(())
@@ -609,9 +760,16 @@ unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize,
 /// `dA_p += s_p g_p^T x` (f32). With dropout on part `p` (the forward's), its `dx` term is
 /// `D_p ⊙ (s_p g_p A_p) / (1 - p)` and `dA_p += s_p g_p^T xd_p` (see the module docs).
 ///
-/// `dy`: compute dtype `[rows, O]`, row stride `lddy`. `dx_dt` is f32 or the compute dtype
+/// `dy`: compute dtype `[rows, O]`, row stride `lddy`. `xa`: row stride `ldxa` (`x`'s tail
+/// as the fused forward left it, or its own matrix). `dx_dt` is f32 or the compute dtype
 /// (then rounded by each of the two `dx` GEMMs, as PEFT's bf16 backward is). `dx_beta` 0
 /// overwrites `dx` (its old contents are not read), 1 accumulates.
+///
+/// **Fused adapter** (opt in, `dy_tail`): the caller's `dy` has `R` more columns per row
+/// (`lddy >= O + R`) that this call may overwrite: `g'` is written there and `dx` is one
+/// GEMM over `dy' = [dy | g']` and `W'' = [W ; A]` (see the module docs). Not with dropout
+/// on a part (its `dx` term is masked): then `g'` goes to scratch as without `dy_tail`,
+/// and the tail is not written.
 ///
 /// # Safety
 /// As [`forward`]; `dx` must not overlap any other operand.
@@ -623,8 +781,10 @@ pub unsafe fn backward(
     x: u64,
     ldx: usize,
     xa: u64,
+    ldxa: usize,
     dy: u64,
     lddy: usize,
+    dy_tail: bool,
     dx: u64,
     lddx: usize,
     dx_dt: Dtype,
@@ -639,7 +799,7 @@ pub unsafe fn backward(
     }
     let dxt = blas_dtype(dx_dt);
     check_ld("ldx", ldx, g.in_features)?;
-    check_ld("lddy", lddy, o)?;
+    check_ld("lddy", lddy, if dy_tail { o + r } else { o })?;
     check_ld("lddx", lddx, g.in_features)?;
     for (name, ptr) in [("dy", dy), ("dx", dx)] {
         if ptr == 0 {
@@ -649,16 +809,23 @@ pub unsafe fn backward(
     if r > 0 && (x == 0 || xa == 0) {
         return Err(invalid(if x == 0 { "x" } else { "xa" }, format!("is a null pointer but the group has adapters (R = {r})")));
     }
+    if r > 0 {
+        check_ld("ldxa", ldxa, r)?;
+    }
     if !dx_beta.is_finite() {
         return Err(invalid("dx_beta", format!("is {dx_beta}")));
     }
     let lay = check_common(blas, g, rows, scratch, scratch_bytes, stream)?;
     let dt = blas_dtype(g.dtype);
     let e = g.dtype.size() as u64;
-    let (w, gbuf) = (scratch + lay.w as u64, scratch + lay.g as u64);
+    let w = scratch + lay.w as u64;
     let inf = g.in_features;
+    let dropout = g.has_dropout();
+    let fused = dy_tail && r > 0 && !dropout;
+    // Where g' [rows, R] goes: dy's tail (fused) or scratch.
+    let (gbuf, ldg) = if fused { (dy + o as u64 * e, lddy) } else { (scratch + lay.g as u64, r) };
 
-    dequant_group(g, w, stream)?;
+    dequant_group(g, w, inf, stream)?;
     // g'_p^T [r, rows] = s B_p^T [r, out_p] dy_p^T [out_p, rows]  (B_p row-major [out, r] is
     // column-major [r, out]).
     let (mut col, mut rc) = (0usize, 0usize);
@@ -675,7 +842,7 @@ pub unsafe fn backward(
                 Mat::new(l.b, dt, l.r),
                 Mat::new(dy + col as u64 * e, dt, lddy),
                 0.0,
-                Mat::new(gbuf + rc as u64 * e, dt, r),
+                Mat::new(gbuf + rc as u64 * e, dt, ldg),
             )?;
             rc += l.r;
         }
@@ -689,17 +856,21 @@ pub unsafe fn backward(
         return base(dx_beta);
     }
     let adapters: Vec<LoraRef> = g.parts.iter().filter_map(|p| p.lora).collect();
-    let dropout = g.has_dropout();
-    if !dropout {
+    if fused {
+        // W'' = [W ; A] [O + R, in]: the stacked A right below W. dx^T [in, rows] (+)=
+        // W''^T [in, O + R] dy'^T [O + R, rows], one GEMM.
+        copy_a(g, w + (o * inf) as u64 * e, stream)?;
+        blas.gemm("linear backward: dx = [dy|g] [W;A]", Op::N, Op::N, inf, rows, o + r, 1.0, Mat::new(w, dt, inf), Mat::new(dy, dt, lddy), dx_beta, Mat::new(dx, dxt, lddx))?;
+    } else if !dropout {
         let a = stacked_a(g, scratch + lay.a as u64, stream)?;
         // dx^T [in, rows] (+)= A^T [in, R] g'^T [R, rows]. Overwriting dx, the small adapter
         // GEMM writes it first and the base GEMM adds in its epilogue (one pass over dx fewer).
         if dx_beta == 0.0 {
-            blas.gemm("linear backward: dx = g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 0.0, Mat::new(dx, dxt, lddx))?;
+            blas.gemm("linear backward: dx = g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, ldg), 0.0, Mat::new(dx, dxt, lddx))?;
             base(1.0)?;
         } else {
             base(dx_beta)?;
-            blas.gemm("linear backward: dx += g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, r), 1.0, Mat::new(dx, dxt, lddx))?;
+            blas.gemm("linear backward: dx += g A", Op::N, Op::N, inf, rows, r, 1.0, Mat::new(a, dt, inf), Mat::new(gbuf, dt, ldg), 1.0, Mat::new(dx, dxt, lddx))?;
         }
     } else {
         base(dx_beta)?;
@@ -717,7 +888,7 @@ pub unsafe fn backward(
                     l.r,
                     1.0,
                     Mat::new(l.a, dt, inf),
-                    Mat::new(gbuf + rc as u64 * e, dt, r),
+                    Mat::new(gbuf + rc as u64 * e, dt, ldg),
                     1.0,
                     Mat::new(dx, dxt, lddx),
                 )?,
@@ -726,7 +897,7 @@ pub unsafe fn backward(
             rc += l.r;
         }
         // dx += sum_p D_p ⊙ (g'_p A_p) / (1 - p), one pass.
-        dropout_lora_dx(dx_dt, g.dtype, dx, lddx, gbuf, r, rows, inf, &dropped, stream)?;
+        dropout_lora_dx(dx_dt, g.dtype, dx, lddx, gbuf, ldg, rows, inf, &dropped, stream)?;
     }
     let (mut col, mut rc) = (0usize, 0usize);
     for p in g.parts {
@@ -740,7 +911,7 @@ pub unsafe fn backward(
                 p.out_features,
                 rows,
                 l.scale,
-                Mat::new(xa + rc as u64 * e, dt, r),
+                Mat::new(xa + rc as u64 * e, dt, ldxa),
                 Mat::new(dy + col as u64 * e, dt, lddy),
                 1.0,
                 Mat::new(l.db, DataType::F32, l.r),
@@ -773,14 +944,14 @@ pub unsafe fn backward(
                 rows,
                 1.0,
                 Mat::new(src, dt, ld),
-                Mat::new(gbuf + rc as u64 * e, dt, r),
+                Mat::new(gbuf + rc as u64 * e, dt, ldg),
                 1.0,
                 Mat::new(l.da, DataType::F32, inf),
             )?;
             rc += l.r;
         }
     } else if adapters.windows(2).all(|w| w[1].da == w[0].da + w[0].r as u64 * row_bytes) {
-        blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, r), 1.0, Mat::new(adapters[0].da, DataType::F32, inf))?;
+        blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, ldg), 1.0, Mat::new(adapters[0].da, DataType::F32, inf))?;
     } else {
         let mut rc = 0usize;
         for l in &adapters {
@@ -793,7 +964,7 @@ pub unsafe fn backward(
                 rows,
                 1.0,
                 Mat::new(x, dt, ldx),
-                Mat::new(gbuf + rc as u64 * e, dt, r),
+                Mat::new(gbuf + rc as u64 * e, dt, ldg),
                 1.0,
                 Mat::new(l.da, DataType::F32, inf),
             )?;

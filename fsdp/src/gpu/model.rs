@@ -29,6 +29,17 @@
 //! q|k|v:  n recomputed = rmsnorm(x)            -> dn, dA/dB
 //! norm 1: dres += rmsnorm'(dn)                 (now d/dx: the previous layer's output)
 //! ```
+//! **Fused adapters** ([`RuntimeOptions::fused_lora`], on by default): each linear's
+//! adapter rides in its base GEMM ([`linear`]'s "Fused adapter"). The buffers that feed
+//! the linears carry `R` more columns per row (`Strides`): `n` (`H + max(R_qkv, R_gu)`),
+//! the saved `o` (`nq + R_o`), `act` (`I + R_down`) for `x A^T`; `dy16`, `gate|up` and
+//! `dqkv` for `s dy B` in the backward. `n` and `act` are overwritten (by the next group,
+//! the next layer) before the backward runs, so `q|k|v`'s, `gate|up`'s and `down`'s `xa`
+//! are copied out dense after their forward (`[T, R]`, a few µs); `o` is saved with its
+//! tail, so `o_proj`'s `xa` is read from there (no copy, no buffer of its own). The
+//! extra memory is `T R` 16-bit values per buffer (about 10 MB at the Llama-3.2-1B shape,
+//! 8192 tokens, without checkpointing; 2-3 MB with).
+//!
 //! The LM head and the loss go through `memlinear`'s GPU driver (`run_raw`, frozen head,
 //! chunked by a memory budget). Loss normalisation, clipping and AdamW follow the CPU
 //! [`crate::train::Trainer`] exactly, so the two can be compared step by step; so do the
@@ -406,9 +417,50 @@ enum Inputs {
     },
 }
 
+/// Row strides (elements) of the buffers that feed the linears, and each group's adapter
+/// rank sum. With [`RuntimeOptions::fused_lora`] the buffers carry `R` more columns per
+/// row, where the linear writes `x A^T` (forward) and `s dy B` (backward) so that the
+/// adapter rides in the base GEMM (see [`linear`]'s "Fused adapter"); without, the
+/// strides are the dense widths and the tails are empty.
+#[derive(Clone, Copy, Debug)]
+struct Strides {
+    fused: bool,
+    /// `R` of q|k|v, o, gate|up, down.
+    r: [usize; 4],
+    /// `n` (feeds q|k|v and gate|up): `H + max(R_qkv, R_gu)`.
+    n: usize,
+    /// `o` (feeds o_proj): `nq + R_o`.
+    o: usize,
+    /// `act` (feeds down): `I + R_down`.
+    act: usize,
+    /// `gate|up` (dy of gate|up in the backward): `2I + R_gu`.
+    gu: usize,
+    /// `dy16` (dy of o and down): `H + max(R_o, R_down)`.
+    dy16: usize,
+    /// `dqkv` (dy of q|k|v): `W + R_qkv`.
+    dqkv: usize,
+}
+
+impl Strides {
+    fn new(k: &Dims, r: [usize; 4], fused: bool) -> Strides {
+        let x = |v: usize| if fused { v } else { 0 };
+        Strides {
+            fused,
+            r,
+            n: k.hd + x(r[0].max(r[2])),
+            o: k.nq + x(r[1]),
+            act: k.inter + x(r[3]),
+            gu: 2 * k.inter + x(r[2]),
+            dy16: k.hd + x(r[1].max(r[3])),
+            dqkv: k.w + x(r[0]),
+        }
+    }
+}
+
 /// Buffers for batches of up to `tokens` tokens.
 struct Buffers {
     tokens: usize,
+    ld: Strides,
     /// Intermediate size (for [`MlpArena`]).
     inter: usize,
     mode: Checkpointing,
@@ -454,7 +506,8 @@ struct Buffers {
 }
 
 /// Where `act`, `dact` and (with checkpointing) `gate|up` sit in [`Buffers::mlp`]:
-/// `[act | dact | gate|up]`, each 256-byte aligned.
+/// `[act | dact | gate|up]`, each 256-byte aligned (`act` with row stride `ld.act`,
+/// `gate|up` with `ld.gu`).
 struct MlpArena {
     dact: usize,
     gu: usize,
@@ -462,18 +515,18 @@ struct MlpArena {
 }
 
 impl MlpArena {
-    fn new(tokens: usize, inter: usize, gate_up: bool) -> MlpArena {
+    fn new(tokens: usize, inter: usize, ld: &Strides, gate_up: bool) -> MlpArena {
         let up = |b: usize| b.div_ceil(256) * 256;
-        let a = up(tokens * inter * 2);
-        let gu = 2 * a;
-        MlpArena { dact: a, gu, total: gu + if gate_up { up(tokens * 2 * inter * 2) } else { 0 } }
+        let dact = up(tokens * ld.act * 2);
+        let gu = dact + up(tokens * inter * 2);
+        MlpArena { dact, gu, total: gu + if gate_up { up(tokens * ld.gu * 2) } else { 0 } }
     }
 
     /// `(gate|up in the arena (meaningful with checkpointing), act, dact)`.
     fn addrs(bufs: &mut Buffers, s: &CudaStream) -> (u64, u64, u64) {
         let tokens = bufs.tokens;
         let inter = bufs.inter;
-        let lay = MlpArena::new(tokens, inter, false);
+        let lay = MlpArena::new(tokens, inter, &bufs.ld, false);
         let base = addr_mut(&mut bufs.mlp, s);
         (base + lay.gu as u64, base, base + lay.dact as u64)
     }
@@ -489,6 +542,10 @@ pub struct RuntimeOptions {
     /// Record CUDA events around the phases of each micro-step and optimizer step (see
     /// [`GpuTrainer::phase_times`]). Off by default: the events cost a little.
     pub profile: bool,
+    /// Fold the LoRA adapters into the base GEMMs (K-concatenation, [`linear`]'s "Fused
+    /// adapter"): on by default; `FSDP_FUSED_LORA=0` in the environment turns the default
+    /// off (for comparing the two paths with one binary).
+    pub fused_lora: bool,
 }
 
 /// Where the last micro-step and optimizer step spent their time ([`RuntimeOptions::profile`]):
@@ -547,7 +604,8 @@ impl RuntimeOptions {
     /// exceeds them: with checkpointing at the Llama-3.2-1B shape and 8192 tokens, nothing.
     pub fn for_checkpointing(checkpointing: Checkpointing) -> RuntimeOptions {
         let head_budget = 512 << 20;
-        RuntimeOptions { head_budget, checkpointing, profile: false }
+        let fused_lora = std::env::var("FSDP_FUSED_LORA").map_or(true, |v| v != "0");
+        RuntimeOptions { head_budget, checkpointing, profile: false, fused_lora }
     }
 }
 
@@ -678,7 +736,7 @@ impl GpuTrainer {
 
     fn ensure_buffers(&mut self, m: &GpuModel, tokens: usize) -> Result<()> {
         let mode = self.options.checkpointing;
-        if self.bufs.as_ref().is_some_and(|b| b.tokens >= tokens && b.mode == mode) {
+        if self.bufs.as_ref().is_some_and(|b| b.tokens >= tokens && b.mode == mode && b.ld.fused == self.options.fused_lora) {
             return Ok(());
         }
         self.bufs = None; // free the old ones first
@@ -688,6 +746,8 @@ impl GpuTrainer {
         let t = tokens;
         let r = self.lora.config.r;
         let rsum = |ps: &[Proj]| ps.iter().filter(|p| self.lora.config.targets(**p)).count() * r;
+        let rg = [rsum(GROUPS[0]), rsum(GROUPS[1]), rsum(GROUPS[2]), rsum(GROUPS[3])];
+        let ld = Strides::new(&k, rg, self.options.fused_lora);
         let mut act_bytes = 0usize;
         let n_saved = if mode == Checkpointing::Off { c.num_hidden_layers } else { 1 };
         let mut saved = Vec::with_capacity(n_saved);
@@ -696,16 +756,17 @@ impl GpuTrainer {
             saved.push(Saved {
                 r1: alloc(s, t, a)?,
                 qkv: alloc(s, t * k.w, a)?,
-                o: alloc(s, t * k.nq, a)?,
+                o: alloc(s, t * ld.o, a)?,
                 lse: alloc(s, t * k.nh, a)?,
                 h: alloc(s, t * k.hd, a)?,
                 r2: alloc(s, t, a)?,
-                gu: if mode == Checkpointing::Off { Some(alloc(s, t * 2 * k.inter, a)?) } else { None },
+                gu: if mode == Checkpointing::Off { Some(alloc(s, t * ld.gu, a)?) } else { None },
+                // Fused, o_proj's xa stays in o's tail (o is saved): no copy of its own.
                 xa: [
-                    alloc(s, t * rsum(GROUPS[0]), a)?,
-                    alloc(s, t * rsum(GROUPS[1]), a)?,
-                    alloc(s, t * rsum(GROUPS[2]), a)?,
-                    alloc(s, t * rsum(GROUPS[3]), a)?,
+                    alloc(s, t * rg[0], a)?,
+                    alloc(s, if ld.fused { 0 } else { t * rg[1] }, a)?,
+                    alloc(s, t * rg[2], a)?,
+                    alloc(s, t * rg[3], a)?,
                 ],
             });
         }
@@ -751,22 +812,23 @@ impl GpuTrainer {
             .ok_or_else(|| Error::arg("head_budget", format!("{budget} bytes cannot hold even one token's logits")))?;
         let head_chunk = balanced_chunk(max_chunk, t);
         let head_ws_bytes = layout(t, k.hd, c.vocab_size, m.dtype, head_chunk, n_).total;
-        let arena = MlpArena::new(t, k.inter, mode != Checkpointing::Off);
+        let arena = MlpArena::new(t, k.inter, &ld, mode != Checkpointing::Off);
         self.bufs = Some(Buffers {
             tokens: t,
+            ld,
             inter: k.inter,
             mode,
             saved,
             inputs,
             last_rstd,
-            n: alloc(s, t * k.hd, x)?,
+            n: alloc(s, t * ld.n, x)?,
             mlp: alloc(s, arena.total.max(head_ws_bytes), x)?,
             rstd_tmp: alloc(s, t, x)?,
             dres: alloc(s, t * k.hd, x)?,
             dn: alloc(s, (t * k.hd * 4).max(attention::backward_workspace_bytes(&shape)), x)?,
-            dy16: alloc(s, t * k.hd, x)?,
+            dy16: alloc(s, t * ld.dy16, x)?,
             do16: alloc(s, t * k.nq, x)?,
-            dqkv: alloc(s, t * k.w, x)?,
+            dqkv: alloc(s, t * ld.dqkv, x)?,
             linear_scratch: alloc(s, lin, x)?,
             head_ws_bytes,
             head_chunk,
@@ -1011,26 +1073,44 @@ impl GpuTrainer {
         let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let [xa0, xa1, xa2, xa3] = &mut sv.xa;
         let xa = [addr_mut(xa0, s), addr_mut(xa1, s), addr_mut(xa2, s), addr_mut(xa3, s)];
+        let ld = bufs.ld;
         let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
         let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
+        // Fused: xa goes into the input's tail (columns `cols ..` of `x`, stride `ldx`) and
+        // is copied out dense to `keep` for the backward (n and act are overwritten before
+        // it runs); o's tail is kept as it is (o is saved). Else the dense xa directly.
+        let xa_at = |x: u64, cols: usize, ldx: usize, dense: u64, gi: usize| if ld.fused && ld.r[gi] > 0 { (x + Dims::col(cols), ldx) } else { (dense, ld.r[gi]) };
+        let keep = |x: u64, cols: usize, ldx: usize, dense: u64, gi: usize| -> Result<()> {
+            if ld.fused && ld.r[gi] > 0 {
+                kernels::cast(dt, x + Dims::col(cols), ldx, dt, dense, ld.r[gi], t, ld.r[gi], st)?;
+            }
+            Ok(())
+        };
 
-        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, hd, r1, st)?;
-        linear::forward(&self.blas, &group(0, hd), t, n, hd, qkv, w, dt, 0.0, xa[0], ls, lsb, st)?;
+        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, r1, st)?;
+        let (xp, ldxa) = xa_at(n, hd, ld.n, xa[0], 0);
+        linear::forward(&self.blas, &group(0, hd), t, n, ld.n, qkv, w, dt, 0.0, xp, ldxa, ls, lsb, st)?;
+        keep(n, hd, ld.n, xa[0], 0)?;
         let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
         kernels::rope_forward(dt, qkv, w, t, nh, d, cos, sin, st)?;
         kernels::rope_forward(dt, kk, w, t, nkv_h, d, cos, sin, st)?;
-        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: nq, lse };
+        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: ld.o, lse };
         attention::forward(&fwd, st)?;
         memcpy_d2d(h, x, t * hd * 2, st)?;
-        linear::forward(&self.blas, &group(1, nq), t, o, nq, h, hd, dt, 1.0, xa[1], ls, lsb, st)?;
-        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, hd, r2, st)?;
-        linear::forward(&self.blas, &group(2, hd), t, n, hd, gu, 2 * inter, dt, 0.0, xa[2], ls, lsb, st)?;
-        kernels::swiglu_forward(dt, gu, 2 * inter, gu + Dims::col(inter), 2 * inter, act, inter, t, inter, st)?;
+        let (xp, ldxa) = xa_at(o, nq, ld.o, xa[1], 1);
+        linear::forward(&self.blas, &group(1, nq), t, o, ld.o, h, hd, dt, 1.0, xp, ldxa, ls, lsb, st)?;
+        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, r2, st)?;
+        let (xp, ldxa) = xa_at(n, hd, ld.n, xa[2], 2);
+        linear::forward(&self.blas, &group(2, hd), t, n, ld.n, gu, ld.gu, dt, 0.0, xp, ldxa, ls, lsb, st)?;
+        keep(n, hd, ld.n, xa[2], 2)?;
+        kernels::swiglu_forward(dt, gu, ld.gu, gu + Dims::col(inter), ld.gu, act, ld.act, t, inter, st)?;
         if recompute {
-            linear::forward_adapter_input(&self.blas, &group(3, inter), t, act, inter, xa[3], ls, lsb, st)?;
+            linear::forward_adapter_input(&self.blas, &group(3, inter), t, act, ld.act, xa[3], ld.r[3], ls, lsb, st)?;
         } else {
             memcpy_d2d(out, h, t * hd * 2, st)?;
-            linear::forward(&self.blas, &group(3, inter), t, act, inter, out, hd, dt, 1.0, xa[3], ls, lsb, st)?;
+            let (xp, ldxa) = xa_at(act, inter, ld.act, xa[3], 3);
+            linear::forward(&self.blas, &group(3, inter), t, act, ld.act, out, hd, dt, 1.0, xp, ldxa, ls, lsb, st)?;
+            keep(act, inter, ld.act, xa[3], 3)?;
         }
         Ok(())
     }
@@ -1097,37 +1177,44 @@ impl GpuTrainer {
         let (r1, qkv, o, lse) = (addr(&sv.r1, s), addr(&sv.qkv, s), addr(&sv.o, s), addr(&sv.lse, s));
         let (h, r2) = (addr(&sv.h, s), addr(&sv.r2, s));
         let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
-        let xa = [addr(&sv.xa[0], s), addr(&sv.xa[1], s), addr(&sv.xa[2], s), addr(&sv.xa[3], s)];
+        let ld = bufs.ld;
+        // o_proj's xa: o's tail when fused (o is saved with it), else its own.
+        let xa = [addr(&sv.xa[0], s), if ld.fused && ld.r[1] > 0 { o + Dims::col(nq) } else { addr(&sv.xa[1], s) }, addr(&sv.xa[2], s), addr(&sv.xa[3], s)];
+        let ldxa = [ld.r[0], if ld.fused && ld.r[1] > 0 { ld.o } else { ld.r[1] }, ld.r[2], ld.r[3]];
         let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
         let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
+        // Fused: dy buffers carry R more columns for g' (the linear falls back by itself
+        // where a part drops).
+        let tail = ld.fused;
 
         // down_proj (its input, the SwiGLU product, recomputed)
-        kernels::cast(Dtype::F32, dres, hd, dt, dy16, hd, t, hd, st)?;
+        kernels::cast(Dtype::F32, dres, hd, dt, dy16, ld.dy16, t, hd, st)?;
         let up = gu + Dims::col(inter);
         if !act_ready {
-            kernels::swiglu_forward(dt, gu, 2 * inter, up, 2 * inter, act, inter, t, inter, st)?;
+            kernels::swiglu_forward(dt, gu, ld.gu, up, ld.gu, act, ld.act, t, inter, st)?;
         }
-        linear::backward(&self.blas, &group(3, inter), t, act, inter, xa[3], dy16, hd, dact, inter, dt, 0.0, ls, lsb, st)?;
+        linear::backward(&self.blas, &group(3, inter), t, act, ld.act, xa[3], ldxa[3], dy16, ld.dy16, tail, dact, inter, dt, 0.0, ls, lsb, st)?;
         // SwiGLU, in place over gate|up
-        kernels::swiglu_backward(dt, dact, inter, gu, 2 * inter, up, 2 * inter, gu, 2 * inter, up, 2 * inter, t, inter, st)?;
+        kernels::swiglu_backward(dt, dact, inter, gu, ld.gu, up, ld.gu, gu, ld.gu, up, ld.gu, t, inter, st)?;
         // gate|up, post-attention norm (its output recomputed)
-        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, hd, rstd_tmp, st)?;
-        linear::backward(&self.blas, &group(2, hd), t, n, hd, xa[2], gu, 2 * inter, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
+        linear::backward(&self.blas, &group(2, hd), t, n, ld.n, xa[2], ldxa[2], gu, ld.gu, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
         kernels::rms_norm_backward(Dtype::F32, dt, dt, dn, hd, h, hd, addr(&wl.post_norm, s), r2, t, hd, dres, hd, true, st)?;
         // o_proj
-        kernels::cast(Dtype::F32, dres, hd, dt, dy16, hd, t, hd, st)?;
-        linear::backward(&self.blas, &group(1, nq), t, o, nq, xa[1], dy16, hd, do16, nq, dt, 0.0, ls, lsb, st)?;
+        kernels::cast(Dtype::F32, dres, hd, dt, dy16, ld.dy16, t, hd, st)?;
+        linear::backward(&self.blas, &group(1, nq), t, o, ld.o, xa[1], ldxa[1], dy16, ld.dy16, tail, do16, nq, dt, 0.0, ls, lsb, st)?;
         // attention, RoPE
         let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
-        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: nq, lse };
+        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: ld.o, lse };
         let (dk, dv) = (dqkv + Dims::col(nq), dqkv + Dims::col(nq + nkv));
-        let bwd = attention::AttnBackward { fwd, dout: do16, lddout: nq, dq: dqkv, lddq: w, dk, lddk: w, dv, lddv: w, workspace: aws, workspace_bytes: awsb };
+        let lq = ld.dqkv;
+        let bwd = attention::AttnBackward { fwd, dout: do16, lddout: nq, dq: dqkv, lddq: lq, dk, lddk: lq, dv, lddv: lq, workspace: aws, workspace_bytes: awsb };
         attention::backward(&bwd, st)?;
-        kernels::rope_backward(dt, dqkv, w, t, nh, d, cos, sin, st)?;
-        kernels::rope_backward(dt, dk, w, t, nkv_h, d, cos, sin, st)?;
+        kernels::rope_backward(dt, dqkv, lq, t, nh, d, cos, sin, st)?;
+        kernels::rope_backward(dt, dk, lq, t, nkv_h, d, cos, sin, st)?;
         // q|k|v, input norm (its output recomputed)
-        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, hd, rstd_tmp, st)?;
-        linear::backward(&self.blas, &group(0, hd), t, n, hd, xa[0], dqkv, w, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
+        linear::backward(&self.blas, &group(0, hd), t, n, ld.n, xa[0], ldxa[0], dqkv, lq, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
         kernels::rms_norm_backward(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, st)?;
         Ok(())
     }
