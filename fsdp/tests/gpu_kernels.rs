@@ -338,8 +338,11 @@ fn rms_norm_backward_matches_cpu() {
                         let ro = Op::input(&gpu, &mut r, Dtype::F32, Lay::dense(1, rows), &rs);
                         let dxl = Lay::new(mode, rows, hidden, 3);
                         let dxo = if accumulate { Op::input(&gpu, &mut r, Dtype::F32, dxl, &prior) } else { Op::poisoned(&gpu, Dtype::F32, dxl) };
+                        // Every other case also writes the 16-bit copy (rms_norm_backward_cast).
+                        let cast = (rows + mode) % 2 == 1;
+                        let d16 = Op::poisoned(&gpu, dt, Lay::new(mode, rows, hidden, 4));
                         unsafe {
-                            k::rms_norm_backward(
+                            k::rms_norm_backward_cast(
                                 dy_dt,
                                 x_dt,
                                 dt,
@@ -354,14 +357,23 @@ fn rms_norm_backward_matches_cpu() {
                                 dxo.addr(&gpu),
                                 dxo.ld(),
                                 accumulate,
+                                if cast { d16.addr(&gpu) } else { 0 },
+                                d16.ld(),
                                 st,
                             )
                         }
                         .unwrap();
-                        let what = format!("rms bwd dy {} x {} w {} acc {accumulate} {rows}x{hidden} {}", dy_dt.name(), x_dt.name(), dt.name(), mode_name);
+                        let what = format!("rms bwd dy {} x {} w {} acc {accumulate} cast {cast} {rows}x{hidden} {}", dy_dt.name(), x_dt.name(), dt.name(), mode_name);
                         let got = dxo.read(&gpu, "dx");
                         for (i, (&g, &c)) in got.iter().zip(&want).enumerate() {
                             assert!((g - c).abs() <= tol[i], "{what}: dx[{i}] = {g}, CPU {c} (tol {:e})", tol[i]);
+                        }
+                        if cast {
+                            // Exactly the f32 result rounded once, as `cast` would give.
+                            let got16 = d16.read(&gpu, "dx16");
+                            for (i, (&h, &g)) in got16.iter().zip(&got).enumerate() {
+                                assert_eq!(h.to_bits(), dt.round(g).to_bits(), "{what}: dx16[{i}] = {h}, round(dx) = {}", dt.round(g));
+                            }
                         }
                         // unchanged inputs
                         assert_eq!(dyo.read(&gpu, "dy"), dy, "{what}: dy changed");
@@ -748,6 +760,7 @@ fn bad_arguments_are_refused_and_zero_sizes_are_no_ops() {
         refused(k::rms_norm_forward(f, bf, a, 7, b, 2, 8, 1e-5, c, 8, d, st), "ldx");
         refused(k::rms_norm_forward(f, bf, a, 8, b, 2, 8, 1e-5, c, 7, d, st), "ldy");
         refused(k::rms_norm_backward(f, bf, bf, a, 8, b, 8, c, d, 2, 8, a, 4, true, st), "lddx");
+        refused(k::rms_norm_backward_cast(f, bf, bf, a, 8, b, 8, c, d, 2, 8, a, 8, true, b, 4, st), "lddx16");
         refused(k::rope_forward(bf, a, 3 * 64 - 1, 2, 3, 64, b, c, st), "ld");
         refused(k::swiglu_forward(bf, a, 8, b, 5, c, 8, 2, 8, st), "ldu");
         refused(k::swiglu_backward(bf, a, 8, b, 16, c, 16, b, 8, c, 16, 2, 8, st), "lddg"); // in place, other stride

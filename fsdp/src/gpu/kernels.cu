@@ -255,14 +255,17 @@ __device__ __forceinline__ void rms_fwd(const void* x, u64 ldx, const void* w, u
 
 // Backward (no weight gradient): g = dy * w, xhat = x * rstd,
 // dx (+)= rstd * (g - xhat * mean(g * xhat)), with mean(g * xhat) = rstd * sum(g * x) / hidden.
+// dx16 (dtype D, may be null): the final f32 dx rounded once, written beside it (the next
+// GEMM's 16-bit input, without a separate cast pass). It must not alias dy or x.
 template <int YD, int XD, int D, bool VEC>
 __device__ __forceinline__ void rms_bwd(const void* dy, u64 lddy, const void* x, u64 ldx, const void* w,
-                                        const float* rstd, u32 hidden, float* dx, u64 lddx, int acc) {
+                                        const float* rstd, u32 hidden, float* dx, u64 lddx, int acc,
+                                        void* dx16, u64 lddx16) {
     __shared__ float sh[32];
     const u64 row = blockIdx.x;
     const u32 tid = threadIdx.x, nt = blockDim.x;
     const u32 nch = VEC ? hidden / 8 : 0;
-    const u64 yo = row * lddy, xo = row * ldx, oo = row * lddx;
+    const u64 yo = row * lddy, xo = row * ldx, oo = row * lddx, ho = row * lddx16;
     const float r = rstd[row];
     Raw<YD> yc[KMAX];
     Raw<XD> xc[KMAX];
@@ -312,6 +315,7 @@ __device__ __forceinline__ void rms_bwd(const void* dy, u64 lddy, const void* x,
                 for (int j = 0; j < 8; j++) o[j] = old[j] + o[j];
             }
             st8<0>(dx, oo + 8ull * c, o);
+            if (dx16) st8<D>(dx16, ho + 8ull * c, o);
         }
     }
     for (u32 c = KMAX * nt + tid; c < nch; c += nt) {
@@ -328,11 +332,13 @@ __device__ __forceinline__ void rms_bwd(const void* dy, u64 lddy, const void* x,
             for (int j = 0; j < 8; j++) o[j] = old[j] + o[j];
         }
         st8<0>(dx, oo + 8ull * c, o);
+        if (dx16) st8<D>(dx16, ho + 8ull * c, o);
     }
     for (u32 e = nch * 8 + tid; e < hidden; e += nt) {
         float o = RMS_BWD_OUT(ld1<YD>(dy, yo + e) * ld1<D>(w, e), ld1<XD>(x, xo + e));
         if (acc) o = dx[oo + e] + o;
         dx[oo + e] = o;
+        if (dx16) st1<D>(dx16, ho + e, o);
     }
 #undef RMS_BWD_OUT
 }
@@ -351,8 +357,8 @@ RMS_FWD2(f16, 1, f16, 1)
 #define RMS_BWD(NAME, YD, XD, D, VEC)                                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                           \
         NAME(const void* dy, u64 lddy, const void* x, u64 ldx, const void* w, const float* rstd, u32 hidden,        \
-             float* dx, u64 lddx, int acc) {                                                                        \
-        rms_bwd<YD, XD, D, VEC>(dy, lddy, x, ldx, w, rstd, hidden, dx, lddx, acc);                                  \
+             float* dx, u64 lddx, int acc, void* dx16, u64 lddx16) {                                                \
+        rms_bwd<YD, XD, D, VEC>(dy, lddy, x, ldx, w, rstd, hidden, dx, lddx, acc, dx16, lddx16);                    \
     }
 #define RMS_BWD2(YN, YD, XN, XD, DN, D)                                                                              \
     RMS_BWD(rms_bwd_##YN##_##XN##_##DN##_v, YD, XD, D, true) RMS_BWD(rms_bwd_##YN##_##XN##_##DN##_s, YD, XD, D, false)

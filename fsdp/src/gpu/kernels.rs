@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | [`embedding_forward`] | `out[t] = table[ids[t]]` (f32 out) | [`crate::ops::embedding_forward`] | exact |
 //! | [`rms_norm_forward`] | `y = w * (x * rstd)`, saves `rstd` | [`crate::ops::rms_norm_forward`] | f32 sum vs the CPU's f64: y within 1 ulp of the 16-bit output |
-//! | [`rms_norm_backward`] | `dx (+)= rstd * (g - xhat * mean(g * xhat))`, `g = dy * w` | [`crate::ops::rms_norm_backward`] (`dw = None`) | f32 vs f64: a few f32 ulps of the terms |
+//! | [`rms_norm_backward`] ([`rms_norm_backward_cast`]: also `dx` rounded to 16-bit, fused) | `dx (+)= rstd * (g - xhat * mean(g * xhat))`, `g = dy * w` | [`crate::ops::rms_norm_backward`] (`dw = None`) | f32 vs f64: a few f32 ulps of the terms |
 //! | [`rope_forward`], [`rope_backward`] | rotate-half rotation by `±angle`, in place | [`crate::ops::rope_forward`] | bit-exact (same f32 operations, then one rounding) |
 //! | [`swiglu_forward`], [`swiglu_backward`] | `silu(gate) * up` and its gradients | [`crate::ops::swiglu_forward`] | `expf` vs Rust's `exp`: within 1 ulp of the 16-bit output |
 //! | [`cast`] | f32 / f16 / bf16 to any of them, round to nearest even | `half`'s `from_f32` | exact |
@@ -272,6 +272,7 @@ pub unsafe fn rms_norm_forward(
 /// `dy` is `[rows, hidden]` of `dy_dt` (F32 or `dt`), stride `lddy`; `x` of `x_dt` (F32 or
 /// `dt`), stride `ldx`; `w` `dt` `[hidden]`; `rstd` f32 `[rows]` from the forward; `dx` f32,
 /// stride `lddx`, overwritten or (`accumulate`) added to. `dx` must not overlap the inputs.
+/// [`rms_norm_backward_cast`] also writes `dx` rounded to `dt`.
 ///
 /// # Safety
 /// As [`embedding_forward`].
@@ -292,6 +293,35 @@ pub unsafe fn rms_norm_backward(
     accumulate: bool,
     stream: CUstream,
 ) -> Result<(), GpuError> {
+    rms_norm_backward_cast(dy_dt, x_dt, dt, dy, lddy, x, ldx, w, rstd, rows, hidden, dx, lddx, accumulate, 0, 0, stream)
+}
+
+/// [`rms_norm_backward`], and the final f32 `dx` rounded once to `dt` into `dx16` (stride
+/// `lddx16`; 0: not written): what [`cast`] of `dx` would give, without reading `dx` again
+/// (the next GEMM's 16-bit input). `dx16` must not overlap `dy`, `x` or `dx`.
+///
+/// # Safety
+/// As [`embedding_forward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rms_norm_backward_cast(
+    dy_dt: Dtype,
+    x_dt: Dtype,
+    dt: Dtype,
+    dy: u64,
+    lddy: usize,
+    x: u64,
+    ldx: usize,
+    w: u64,
+    rstd: u64,
+    rows: usize,
+    hidden: usize,
+    dx: u64,
+    lddx: usize,
+    accumulate: bool,
+    dx16: u64,
+    lddx16: usize,
+    stream: CUstream,
+) -> Result<(), GpuError> {
     sixteen("dt", dt)?;
     f32_or("dy_dt", dy_dt, dt)?;
     f32_or("x_dt", x_dt, dt)?;
@@ -306,13 +336,33 @@ pub unsafe fn rms_norm_backward(
     stride("lddy", lddy, hidden)?;
     stride("ldx", ldx, hidden)?;
     stride("lddx", lddx, hidden)?;
+    if dx16 != 0 {
+        ptr("dx16", dx16, dt.size())?;
+        stride("lddx16", lddx16, hidden)?;
+    }
     let h32 = width32("hidden", hidden)?;
-    let vec = rows16(dy, lddy, dy_dt.size()) && rows16(x, ldx, x_dt.size()) && rows16(dx, lddx, 4) && w % 16 == 0;
+    let vec = rows16(dy, lddy, dy_dt.size())
+        && rows16(x, ldx, x_dt.size())
+        && rows16(dx, lddx, 4)
+        && w % 16 == 0
+        && (dx16 == 0 || rows16(dx16, lddx16, dt.size()));
     let grid = row_grid(rows)?;
     let (mut dy, mut lddy, mut x, mut ldx, mut w, mut rstd, mut h) = (dy, lddy as u64, x, ldx as u64, w, rstd, h32);
-    let (mut dx, mut lddx, mut acc) = (dx, lddx as u64, accumulate as i32);
-    let mut p =
-        [arg(&mut dy), arg(&mut lddy), arg(&mut x), arg(&mut ldx), arg(&mut w), arg(&mut rstd), arg(&mut h), arg(&mut dx), arg(&mut lddx), arg(&mut acc)];
+    let (mut dx, mut lddx, mut acc, mut dx16, mut lddx16) = (dx, lddx as u64, accumulate as i32, dx16, lddx16 as u64);
+    let mut p = [
+        arg(&mut dy),
+        arg(&mut lddy),
+        arg(&mut x),
+        arg(&mut ldx),
+        arg(&mut w),
+        arg(&mut rstd),
+        arg(&mut h),
+        arg(&mut dx),
+        arg(&mut lddx),
+        arg(&mut acc),
+        arg(&mut dx16),
+        arg(&mut lddx16),
+    ];
     let name = format!("rms_bwd_{}_{}_{}_{}", dy_dt.name(), x_dt.name(), dt.name(), vs(vec));
     go(&name, grid, row_threads(hidden), stream, &mut p)
 }

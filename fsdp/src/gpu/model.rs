@@ -920,7 +920,9 @@ impl GpuTrainer {
                     self.layer_forward(m, &k, &shape, b.docs.is_some(), l, 0, x, 0, true, &s)?;
                 }
                 let slot = if recomputed { 0 } else { l };
-                self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, recomputed, &s)?;
+                // dy16 holds the 16-bit dres for down except for the last layer: the final
+                // norm's backward reads dy16 (the head's dhidden), so it cannot write it.
+                self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, recomputed, l + 1 < nl, &s)?;
                 self.release_input(l)?;
             }
             // dres is now the gradient of the frozen embedding's output: nothing to train there.
@@ -1156,9 +1158,12 @@ impl GpuTrainer {
     /// One layer's backward from `dres` (the gradient of its output, f32, updated in place
     /// to the gradient of its input), with its activations in `saved[slot]` and input `x`.
     /// `act_ready`: the SwiGLU product is still in `act` (a recomputed forward just wrote
-    /// it), so it is not recomputed again.
+    /// it), so it is not recomputed again. `dy16_ready`: `dy16` already holds `dres` in
+    /// 16-bit (the next layer's input-norm backward wrote it beside `dres`). Each norm's
+    /// backward writes that 16-bit copy for the GEMM after it, instead of a cast pass; in
+    /// between, nothing else writes `dy16` (the recomputed forward does not use it).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn layer_backward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, act_ready: bool, s: &std::sync::Arc<CudaStream>) -> Result<()> {
+    unsafe fn layer_backward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, act_ready: bool, dy16_ready: bool, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let st = s.cu_stream();
         let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
         let bufs = self.bufs.as_mut().expect("sized");
@@ -1188,7 +1193,9 @@ impl GpuTrainer {
         let tail = ld.fused;
 
         // down_proj (its input, the SwiGLU product, recomputed)
-        kernels::cast(Dtype::F32, dres, hd, dt, dy16, ld.dy16, t, hd, st)?;
+        if !dy16_ready {
+            kernels::cast(Dtype::F32, dres, hd, dt, dy16, ld.dy16, t, hd, st)?;
+        }
         let up = gu + Dims::col(inter);
         if !act_ready {
             kernels::swiglu_forward(dt, gu, ld.gu, up, ld.gu, act, ld.act, t, inter, st)?;
@@ -1199,9 +1206,9 @@ impl GpuTrainer {
         // gate|up, post-attention norm (its output recomputed)
         kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
         linear::backward(&self.blas, &group(2, hd), t, n, ld.n, xa[2], ldxa[2], gu, ld.gu, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
-        kernels::rms_norm_backward(Dtype::F32, dt, dt, dn, hd, h, hd, addr(&wl.post_norm, s), r2, t, hd, dres, hd, true, st)?;
+        // ... and dres in 16-bit into dy16: o_proj's dy.
+        kernels::rms_norm_backward_cast(Dtype::F32, dt, dt, dn, hd, h, hd, addr(&wl.post_norm, s), r2, t, hd, dres, hd, true, dy16, ld.dy16, st)?;
         // o_proj
-        kernels::cast(Dtype::F32, dres, hd, dt, dy16, ld.dy16, t, hd, st)?;
         linear::backward(&self.blas, &group(1, nq), t, o, ld.o, xa[1], ldxa[1], dy16, ld.dy16, tail, do16, nq, dt, 0.0, ls, lsb, st)?;
         // attention, RoPE
         let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
@@ -1215,7 +1222,9 @@ impl GpuTrainer {
         // q|k|v, input norm (its output recomputed)
         kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
         linear::backward(&self.blas, &group(0, hd), t, n, ld.n, xa[0], ldxa[0], dqkv, lq, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
-        kernels::rms_norm_backward(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, st)?;
+        // ... and, below the first layer, dres in 16-bit into dy16: the previous layer's down dy.
+        let next = if l > 0 { dy16 } else { 0 };
+        kernels::rms_norm_backward_cast(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, next, ld.dy16, st)?;
         Ok(())
     }
 
