@@ -210,17 +210,22 @@ def grad_errors(ours, theirs):
     return res, g_rel
 
 
+def worst_by_proj(g_rel):
+    """The worst relative L2 per projection name (q_proj, ...) over the layers and A/B."""
+    by_proj = {}
+    for k, v in g_rel.items():
+        proj = k.split(".")[-3]
+        by_proj[proj] = max(by_proj.get(proj, 0.0), v)
+    return by_proj
+
+
 def gpu_step_comparison(gpu, ours, loss0, grads, losses, norms, trained):
     """The GPU runtime's step 0 and 20 steps vs HF's (this configuration)."""
     res = {"device": gpu["device"], "dtype": gpu["dtype"], "loss0_gpu": gpu["loss0"], "loss0_hf": loss0,
            "loss0_rel": rel(gpu["loss0"], loss0)}
     worst, g_rel = grad_errors(ours["grads_gpu"], grads)
     res.update(worst)
-    by_proj = {}
-    for k, v in g_rel.items():
-        proj = k.split(".")[-3]
-        by_proj[proj] = max(by_proj.get(proj, 0.0), v)
-    res["grad_rel_l2_worst_by_proj"] = by_proj
+    res["grad_rel_l2_worst_by_proj"] = worst_by_proj(g_rel)
     res["losses_gpu"] = gpu["losses"]
     res["step_loss_rel"] = [rel(a, b) for a, b in zip(gpu["losses"], losses)]
     res["step_loss_rel_max"] = max(res["step_loss_rel"])
@@ -296,11 +301,7 @@ def run_config(vdir, meta, cfg, ours):
     res["logits0_argmax_agree"] = float((logits0.cpu().argmax(-1) == ours["logits"]["logits"].argmax(-1)).float().mean())
     worst, g_rel = grad_errors(ours["grads"], grads)
     res.update(worst)
-    by_proj = {}
-    for k, v in g_rel.items():
-        proj = k.split(".")[-3]
-        by_proj[proj] = max(by_proj.get(proj, 0.0), v)
-    res["grad_rel_l2_worst_by_proj"] = by_proj
+    res["grad_rel_l2_worst_by_proj"] = worst_by_proj(g_rel)
     res["grad_rel_l2"] = g_rel
 
     # 20 AdamW steps, mirrored: zero grads, forward, backward, clip, step.

@@ -17,8 +17,9 @@
 //! draws its own mask from it, and the backward regenerates the same masks);
 //! [`Llama::forward`] and [`Llama::loss`] never drop (evaluation).
 //!
-//! Not implemented yet: activation checkpointing (the forward keeps every layer's
-//! activations), sliding-window attention for sequences longer than the window (refused).
+//! Not implemented in this CPU reference: activation checkpointing (the forward keeps every
+//! layer's activations; the GPU runtime has it, [`crate::gpu::model::Checkpointing`]),
+//! sliding-window attention for sequences longer than the window (refused).
 
 use std::collections::HashMap;
 

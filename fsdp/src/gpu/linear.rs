@@ -924,7 +924,10 @@ pub unsafe fn backward(
     // when their dA buffers are contiguous (and no part drops: else per part, a dropped
     // part reading its regenerated xd_p).
     let row_bytes = (inf * 4) as u64;
-    if dropout {
+    let contiguous = adapters.windows(2).all(|w| w[1].da == w[0].da + w[0].r as u64 * row_bytes);
+    if !dropout && contiguous {
+        blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, ldg), 1.0, Mat::new(adapters[0].da, DataType::F32, inf))?;
+    } else {
         let xd = scratch + lay.d as u64;
         let mut rc = 0usize;
         for l in &adapters {
@@ -944,26 +947,6 @@ pub unsafe fn backward(
                 rows,
                 1.0,
                 Mat::new(src, dt, ld),
-                Mat::new(gbuf + rc as u64 * e, dt, ldg),
-                1.0,
-                Mat::new(l.da, DataType::F32, inf),
-            )?;
-            rc += l.r;
-        }
-    } else if adapters.windows(2).all(|w| w[1].da == w[0].da + w[0].r as u64 * row_bytes) {
-        blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, ldg), 1.0, Mat::new(adapters[0].da, DataType::F32, inf))?;
-    } else {
-        let mut rc = 0usize;
-        for l in &adapters {
-            blas.gemm(
-                "linear backward: dA += g^T x",
-                Op::N,
-                Op::T,
-                inf,
-                l.r,
-                rows,
-                1.0,
-                Mat::new(x, dt, ldx),
                 Mat::new(gbuf + rc as u64 * e, dt, ldg),
                 1.0,
                 Mat::new(l.da, DataType::F32, inf),
