@@ -123,7 +123,10 @@ run_fsdp_baselines() {
         fi
     done
     echo "-- summary (card, tokens/s, median step, peak allocated/reserved, MFU vs bf16 GEMM in the same process)"
-    python3 "$B/py/bench_baselines.py" --summary "$dir"/{unsloth,hf}-*.json || status=1
+    # Only the modes that ran (FSDP_BASELINE_MODES may leave some out).
+    local ran=()
+    for f in "$dir"/{unsloth,hf}-*.json; do [[ -f $f ]] && ran+=("$f"); done
+    if (( ${#ran[@]} )); then python3 "$B/py/bench_baselines.py" --summary "${ran[@]}" || status=1; fi
 }
 if [[ $what == fsdp-baselines ]]; then
     run_fsdp_baselines

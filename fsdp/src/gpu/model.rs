@@ -49,9 +49,11 @@
 //! **Activation checkpointing** ([`Checkpointing`]): `Off` keeps every layer's saved
 //! activations; `On` keeps only each layer's input and recomputes the layer's forward
 //! just before its backward (one layer's activations live at a time); `Offload` also moves
-//! the layer inputs to pinned host memory during the forward and prefetches them back
-//! during the backward, on a second stream ordered by events, so the copies overlap
-//! compute. The recomputation stops short of the layer's output: `down`'s base and adapter
+//! the layer inputs, and each layer's attention output (with its adapter tail) and
+//! log-sum-exp, to pinned host memory during the forward and prefetches them back during
+//! the backward, through rings of device slots (three for the inputs, two for the
+//! attention outputs) on a second stream ordered by events, so the copies overlap compute
+//! and the recomputation skips the attention forward. The recomputation stops short of the layer's output: `down`'s base and adapter
 //! GEMMs are skipped (only its adapter input `a A^T` is recomputed), and the backward
 //! reuses the SwiGLU product it left in `act`.
 //!
@@ -352,8 +354,10 @@ pub enum Checkpointing {
     /// Only each layer's input stays on the device; the layer's forward is recomputed
     /// before its backward.
     On,
-    /// As `On`, with the layer inputs copied to pinned host memory during the forward and
-    /// prefetched back during the backward, on a second stream (overlapped with compute).
+    /// As `On`, with the layer inputs, and each layer's attention output and log-sum-exp,
+    /// copied to pinned host memory during the forward and prefetched back during the
+    /// backward, on a second stream (overlapped with compute); the recomputation then skips
+    /// the attention forward.
     Offload,
 }
 
@@ -396,24 +400,135 @@ impl Drop for Pinned {
     }
 }
 
+/// Per-layer tensors staged between pinned host memory and a ring of device slots
+/// (offload mode). Layer `l` uses slot `l % slots`. A slot is rewritten (by the forward, or
+/// by a prefetch) only after its previous copy to the host has finished, and read only after
+/// its copy from the host has arrived: events order the copy stream against the compute
+/// stream.
+struct HostRing {
+    /// `host[layer][tensor]`.
+    host: Vec<Vec<Pinned>>,
+    /// `slots[slot][tensor]`.
+    slots: Vec<Vec<CudaSlice<u8>>>,
+    /// Which layer each slot holds, and the events after which it may be overwritten /
+    /// read.
+    holds: Vec<Option<usize>>,
+    free: Vec<Option<cudakit::cudarc::driver::CudaEvent>>,
+    ready: Vec<Option<cudakit::cudarc::driver::CudaEvent>>,
+}
+
+impl HostRing {
+    /// `layers` layers of tensors of `sizes` bytes each, through `slots` device slots.
+    fn new(s: &std::sync::Arc<CudaStream>, layers: usize, slots: usize, sizes: &[usize], device: &mut usize, host: &mut usize) -> Result<HostRing> {
+        let h = (0..layers)
+            .map(|_| {
+                sizes
+                    .iter()
+                    .map(|&b| {
+                        *host += b;
+                        Pinned::new(b)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let d = (0..slots).map(|_| sizes.iter().map(|&b| alloc::<u8>(s, b, device)).collect::<Result<Vec<_>>>()).collect::<Result<_>>()?;
+        Ok(HostRing { host: h, slots: d, holds: vec![None; slots], free: (0..slots).map(|_| None).collect(), ready: (0..slots).map(|_| None).collect() })
+    }
+
+    fn addrs(&mut self, slot: usize, s: &CudaStream) -> Vec<u64> {
+        self.slots[slot].iter_mut().map(|b| addr_mut(b, s)).collect()
+    }
+
+    /// Layer `l`'s slot for a forward that writes it: the compute stream first waits until
+    /// the slot's previous copy to the host has finished.
+    unsafe fn for_write(&mut self, l: usize, s: &CudaStream) -> Result<Vec<u64>> {
+        let slot = l % self.slots.len();
+        if let Some(ev) = self.free[slot].take() {
+            s.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
+        }
+        self.holds[slot] = Some(l);
+        Ok(self.addrs(slot, s))
+    }
+
+    /// Layer `l`'s slot, which must hold it (or be receiving it: then the compute stream
+    /// waits for the copy).
+    unsafe fn for_read(&mut self, l: usize, what: &str, s: &CudaStream) -> Result<Vec<u64>> {
+        let slot = self.holds.iter().position(|h| *h == Some(l)).ok_or_else(|| {
+            Error::arg("offload", format!("internal: layer {l}'s {what} is neither on the device nor being fetched"))
+        })?;
+        if let Some(ev) = self.ready[slot].take() {
+            s.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
+        }
+        Ok(self.addrs(slot, s))
+    }
+
+    /// Queues the copy of layer `l`'s slot to the host on `copy`, after the compute
+    /// stream's work so far (layer `l`'s forward wrote and read it).
+    unsafe fn offload(&mut self, l: usize, s: &CudaStream, copy: &CudaStream) -> Result<()> {
+        let slot = l % self.slots.len();
+        copy.join(s).map_err(gpu_err("cuStreamWaitEvent"))?;
+        for (b, h) in self.slots[slot].iter().zip(&self.host[l]) {
+            cudakit::cudarc::driver::sys::cuMemcpyDtoHAsync_v2(h.ptr, addr(b, copy), h.bytes, copy.cu_stream())
+                .result()
+                .map_err(gpu_err("cuMemcpyDtoHAsync"))?;
+        }
+        self.free[slot] = Some(copy.record_event(None).map_err(gpu_err("cuEventRecord"))?);
+        Ok(())
+    }
+
+    /// Brings layer `l` back into its slot on `copy` (unless the slot still holds it),
+    /// after the compute stream is done with the slot and its last copy out has finished.
+    unsafe fn prefetch(&mut self, l: usize, s: &CudaStream, copy: &CudaStream) -> Result<()> {
+        let slot = l % self.slots.len();
+        if self.holds[slot] == Some(l) {
+            return Ok(());
+        }
+        copy.join(s).map_err(gpu_err("cuStreamWaitEvent"))?;
+        if let Some(ev) = self.free[slot].take() {
+            copy.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
+        }
+        for (b, h) in self.slots[slot].iter_mut().zip(&self.host[l]) {
+            cudakit::cudarc::driver::sys::cuMemcpyHtoDAsync_v2(addr_mut(b, copy), h.ptr, h.bytes, copy.cu_stream())
+                .result()
+                .map_err(gpu_err("cuMemcpyHtoDAsync"))?;
+        }
+        self.holds[slot] = Some(l);
+        self.ready[slot] = Some(copy.record_event(None).map_err(gpu_err("cuEventRecord"))?);
+        Ok(())
+    }
+
+    /// Layer `l`'s backward is queued: its slot may be refilled after it.
+    fn release(&mut self, l: usize) {
+        let slot = l % self.slots.len();
+        if self.holds[slot] == Some(l) {
+            self.holds[slot] = None;
+        }
+    }
+
+    /// Forgets every event and holding (the streams are joined).
+    fn reset(&mut self) {
+        self.holds.iter_mut().for_each(|h| *h = None);
+        self.free.iter_mut().for_each(|e| *e = None);
+        self.ready.iter_mut().for_each(|e| *e = None);
+    }
+}
+
 /// The layer inputs `x_0 .. x_L` (`x_L` is the final norm's input). One per trainer, so
 /// the size difference of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Inputs {
     /// All on the device.
     Device(Vec<CudaSlice<u16>>),
-    /// `x_L` on the device, the others in pinned host memory, staged through a ring of
-    /// three device slots: a slot is rewritten only after its previous copy finished.
+    /// `x_L` on the device; the other inputs in pinned host memory through a ring of three
+    /// device slots, and each layer's attention output `o` (with its adapter tail) and
+    /// `lse` through a ring of two, so the recomputation skips the attention forward.
     Offload {
-        host: Vec<Pinned>,
-        ring: [CudaSlice<u16>; 3],
+        /// `x_0 .. x_{L-1}`.
+        x: HostRing,
+        /// `o`, `lse` of each layer.
+        attn: HostRing,
         last: CudaSlice<u16>,
         copy: std::sync::Arc<CudaStream>,
-        /// Which layer's input each slot holds, and the event after which it may be
-        /// overwritten / read.
-        holds: [Option<usize>; 3],
-        free: [Option<cudakit::cudarc::driver::CudaEvent>; 3],
-        ready: [Option<cudakit::cudarc::driver::CudaEvent>; 3],
     },
 }
 
@@ -756,8 +871,9 @@ impl GpuTrainer {
             saved.push(Saved {
                 r1: alloc(s, t, a)?,
                 qkv: alloc(s, t * k.w, a)?,
-                o: alloc(s, t * ld.o, a)?,
-                lse: alloc(s, t * k.nh, a)?,
+                // Offload: o and lse live in the attention ring instead.
+                o: alloc(s, if mode == Checkpointing::Offload { 0 } else { t * ld.o }, a)?,
+                lse: alloc(s, if mode == Checkpointing::Offload { 0 } else { t * k.nh }, a)?,
                 h: alloc(s, t * k.hd, a)?,
                 r2: alloc(s, t, a)?,
                 gu: if mode == Checkpointing::Off { Some(alloc(s, t * ld.gu, a)?) } else { None },
@@ -776,21 +892,12 @@ impl GpuTrainer {
                 Inputs::Device((0..=c.num_hidden_layers).map(|_| alloc(s, t * k.hd, &mut act_bytes)).collect::<Result<_>>()?)
             }
             Checkpointing::Offload => {
-                let host = (0..c.num_hidden_layers)
-                    .map(|_| {
-                        host_bytes += t * k.hd * 2;
-                        Pinned::new(t * k.hd * 2)
-                    })
-                    .collect::<Result<_>>()?;
-                let a = &mut act_bytes;
+                let (a, h, nl) = (&mut act_bytes, &mut host_bytes, c.num_hidden_layers);
                 Inputs::Offload {
-                    host,
-                    ring: [alloc(s, t * k.hd, a)?, alloc(s, t * k.hd, a)?, alloc(s, t * k.hd, a)?],
+                    x: HostRing::new(s, nl, 3, &[t * k.hd * 2], a, h)?,
+                    attn: HostRing::new(s, nl, 2, &[t * ld.o * 2, t * k.nh * 4], a, h)?,
                     last: alloc(s, t * k.hd, a)?,
                     copy: m.gpu().ctx().new_stream().map_err(gpu_err("cuStreamCreate"))?,
-                    holds: [None; 3],
-                    free: [None, None, None],
-                    ready: [None, None, None],
                 }
             }
         };
@@ -941,18 +1048,8 @@ impl GpuTrainer {
         let bufs = self.bufs.as_mut().expect("sized");
         Ok(match &mut bufs.inputs {
             Inputs::Device(v) => addr_mut(&mut v[l], s),
-            Inputs::Offload { host, ring, last, holds, free, .. } => {
-                if l == host.len() {
-                    addr_mut(last, s)
-                } else {
-                    let slot = l % 3;
-                    if let Some(ev) = free[slot].take() {
-                        s.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
-                    }
-                    holds[slot] = Some(l);
-                    addr_mut(&mut ring[slot], s)
-                }
-            }
+            Inputs::Offload { x, last, .. } if l == x.host.len() => addr_mut(last, s),
+            Inputs::Offload { x, .. } => x.for_write(l, s)?[0],
         })
     }
 
@@ -962,18 +1059,8 @@ impl GpuTrainer {
         let bufs = self.bufs.as_mut().expect("sized");
         Ok(match &mut bufs.inputs {
             Inputs::Device(v) => addr(&v[l], s),
-            Inputs::Offload { host, ring, last, holds, ready, .. } => {
-                if l == host.len() {
-                    return Ok(addr(last, s));
-                }
-                let slot = holds.iter().position(|h| *h == Some(l)).ok_or_else(|| {
-                    Error::arg("offload", format!("internal: layer {l}'s input is neither on the device nor being fetched"))
-                })?;
-                if let Some(ev) = ready[slot].take() {
-                    s.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
-                }
-                addr(&ring[slot], s)
-            }
+            Inputs::Offload { x, last, .. } if l == x.host.len() => addr(last, s),
+            Inputs::Offload { x, .. } => x.for_read(l, "input", s)?[0],
         })
     }
 
@@ -985,70 +1072,62 @@ impl GpuTrainer {
         }
     }
 
-    /// Offload mode: queues the copy of layer input `l` to the host on the copy stream,
-    /// after the compute stream's work so far (layer `l`'s forward has read it).
+    /// Offload mode: layer `l`'s attention output and lse for a forward that writes them
+    /// (`restored`: the recomputation, which reads them back instead); `None` in the other
+    /// modes (they live in `saved`).
+    unsafe fn attn_ring(&mut self, l: usize, restored: bool, s: &CudaStream) -> Result<Option<(u64, u64)>> {
+        let bufs = self.bufs.as_mut().expect("sized");
+        Ok(match &mut bufs.inputs {
+            Inputs::Offload { attn, .. } => {
+                let a = if restored { attn.for_read(l, "attention output", s)? } else { attn.for_write(l, s)? };
+                Some((a[0], a[1]))
+            }
+            Inputs::Device(_) => None,
+        })
+    }
+
+    /// Offload mode: queues the copies of layer `l`'s input, attention output and lse to
+    /// the host on the copy stream, after the compute stream's work so far (layer `l`'s
+    /// forward).
     unsafe fn offload_input(&mut self, l: usize, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let bufs = self.bufs.as_mut().expect("sized");
-        if let Inputs::Offload { host, ring, copy, free, .. } = &mut bufs.inputs {
-            let slot = l % 3;
-            copy.join(s).map_err(gpu_err("cuStreamWaitEvent"))?;
-            let src = addr(&ring[slot], copy);
-            let h = &host[l];
-            cudakit::cudarc::driver::sys::cuMemcpyDtoHAsync_v2(h.ptr, src, h.bytes, copy.cu_stream())
-                .result()
-                .map_err(gpu_err("cuMemcpyDtoHAsync"))?;
-            free[slot] = Some(copy.record_event(None).map_err(gpu_err("cuEventRecord"))?);
+        if let Inputs::Offload { x, attn, copy, .. } = &mut bufs.inputs {
+            x.offload(l, s, copy)?;
+            attn.offload(l, s, copy)?;
         }
         Ok(())
     }
 
-    /// Offload mode: brings layer input `l` back into its ring slot on the copy stream
-    /// (unless the slot still holds it), after the compute stream is done with the slot.
+    /// Offload mode: brings layer `l`'s input, attention output and lse back into their
+    /// ring slots on the copy stream (unless still there), after the compute stream is done
+    /// with the slots.
     unsafe fn prefetch_input(&mut self, l: usize, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let bufs = self.bufs.as_mut().expect("sized");
-        if let Inputs::Offload { host, ring, copy, holds, free, ready, .. } = &mut bufs.inputs {
-            let slot = l % 3;
-            if holds[slot] == Some(l) {
-                return Ok(());
-            }
-            // The slot's last user was the compute stream (a later layer's backward) or a
-            // copy out: wait for both.
-            copy.join(s).map_err(gpu_err("cuStreamWaitEvent"))?;
-            if let Some(ev) = free[slot].take() {
-                copy.wait(&ev).map_err(gpu_err("cuStreamWaitEvent"))?;
-            }
-            let dst = addr_mut(&mut ring[slot], copy);
-            let h = &host[l];
-            cudakit::cudarc::driver::sys::cuMemcpyHtoDAsync_v2(dst, h.ptr, h.bytes, copy.cu_stream())
-                .result()
-                .map_err(gpu_err("cuMemcpyHtoDAsync"))?;
-            holds[slot] = Some(l);
-            ready[slot] = Some(copy.record_event(None).map_err(gpu_err("cuEventRecord"))?);
+        if let Inputs::Offload { x, attn, copy, .. } = &mut bufs.inputs {
+            x.prefetch(l, s, copy)?;
+            attn.prefetch(l, s, copy)?;
         }
         Ok(())
     }
 
-    /// Offload mode: layer `l`'s backward is queued; its slot may be refilled after it.
+    /// Offload mode: layer `l`'s backward is queued; its slots may be refilled after it.
     unsafe fn release_input(&mut self, l: usize) -> Result<()> {
         let bufs = self.bufs.as_mut().expect("sized");
-        if let Inputs::Offload { holds, .. } = &mut bufs.inputs {
-            let slot = l % 3;
-            if holds[slot] == Some(l) {
-                holds[slot] = None;
-            }
+        if let Inputs::Offload { x, attn, .. } = &mut bufs.inputs {
+            x.release(l);
+            attn.release(l);
         }
         Ok(())
     }
 
     /// Offload mode: the compute stream waits for every copy (so the host buffers and the
-    /// ring are quiet between steps).
+    /// rings are quiet between steps).
     unsafe fn finish_offload(&mut self, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let bufs = self.bufs.as_mut().expect("sized");
-        if let Inputs::Offload { copy, free, ready, holds, .. } = &mut bufs.inputs {
+        if let Inputs::Offload { x, attn, copy, .. } = &mut bufs.inputs {
             s.join(copy).map_err(gpu_err("cuStreamWaitEvent"))?;
-            *free = [None, None, None];
-            *ready = [None, None, None];
-            *holds = [None; 3];
+            x.reset();
+            attn.reset();
         }
         Ok(())
     }
@@ -1062,6 +1141,8 @@ impl GpuTrainer {
     unsafe fn layer_forward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, out: u64, recompute: bool, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let st = s.cu_stream();
         let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
+        // Offload: o and lse in the attention ring; the recomputation finds them restored.
+        let ring = self.attn_ring(l, recompute, s)?;
         let bufs = self.bufs.as_mut().expect("sized");
         let n = addr_mut(&mut bufs.n, s);
         let (gu_arena, act, _) = MlpArena::addrs(bufs, s);
@@ -1070,7 +1151,8 @@ impl GpuTrainer {
         let docs = if has_docs { addr(&bufs.docs, s) } else { 0 };
         let wl = &m.layers[l];
         let sv = &mut bufs.saved[slot];
-        let (r1, qkv, o, lse) = (addr_mut(&mut sv.r1, s), addr_mut(&mut sv.qkv, s), addr_mut(&mut sv.o, s), addr_mut(&mut sv.lse, s));
+        let (r1, qkv) = (addr_mut(&mut sv.r1, s), addr_mut(&mut sv.qkv, s));
+        let (o, lse) = ring.unwrap_or_else(|| (addr_mut(&mut sv.o, s), addr_mut(&mut sv.lse, s)));
         let (h, r2) = (addr_mut(&mut sv.h, s), addr_mut(&mut sv.r2, s));
         let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let [xa0, xa1, xa2, xa3] = &mut sv.xa;
@@ -1096,8 +1178,10 @@ impl GpuTrainer {
         let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
         kernels::rope_forward(dt, qkv, w, t, nh, d, cos, sin, st)?;
         kernels::rope_forward(dt, kk, w, t, nkv_h, d, cos, sin, st)?;
-        let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: ld.o, lse };
-        attention::forward(&fwd, st)?;
+        if !(recompute && ring.is_some()) {
+            let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: ld.o, lse };
+            attention::forward(&fwd, st)?;
+        }
         memcpy_d2d(h, x, t * hd * 2, st)?;
         let (xp, ldxa) = xa_at(o, nq, ld.o, xa[1], 1);
         linear::forward(&self.blas, &group(1, nq), t, o, ld.o, h, hd, dt, 1.0, xp, ldxa, ls, lsb, st)?;
@@ -1166,6 +1250,7 @@ impl GpuTrainer {
     unsafe fn layer_backward(&mut self, m: &GpuModel, k: &Dims, shape: &AttnShape, has_docs: bool, l: usize, slot: usize, x: u64, act_ready: bool, dy16_ready: bool, s: &std::sync::Arc<CudaStream>) -> Result<()> {
         let st = s.cu_stream();
         let Dims { t, hd, inter, nh, nkv_h, d, nq, nkv, w, eps, dt } = *k;
+        let ring = self.attn_ring(l, true, s)?;
         let bufs = self.bufs.as_mut().expect("sized");
         let n = addr_mut(&mut bufs.n, s);
         let (gu_arena, act, dact) = MlpArena::addrs(bufs, s);
@@ -1179,7 +1264,8 @@ impl GpuTrainer {
         let docs = if has_docs { addr(&bufs.docs, s) } else { 0 };
         let wl = &m.layers[l];
         let sv = &mut bufs.saved[slot];
-        let (r1, qkv, o, lse) = (addr(&sv.r1, s), addr(&sv.qkv, s), addr(&sv.o, s), addr(&sv.lse, s));
+        let (r1, qkv) = (addr(&sv.r1, s), addr(&sv.qkv, s));
+        let (o, lse) = ring.unwrap_or_else(|| (addr(&sv.o, s), addr(&sv.lse, s)));
         let (h, r2) = (addr(&sv.h, s), addr(&sv.r2, s));
         let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let ld = bufs.ld;
