@@ -490,7 +490,13 @@ fn swiglu_backward_matches_cpu_also_in_place() {
                             .collect();
                         let guo = Op::input(&gpu, &mut r, dt, Lay { rows, cols: 2 * cols, ld: 2 * cols + 8, off: 0 }, &gu);
                         let (ga, ua, ld) = (guo.addr(&gpu), guo.addr(&gpu) + (cols * 2) as u64, guo.ld());
-                        unsafe { k::swiglu_backward(dt, dout.addr(&gpu), dout.ld(), ga, ld, ua, ld, ga, ld, ua, ld, rows, cols, st) }.unwrap();
+                        // as the model runs it: the forward's product written beside, into a
+                        // strided buffer (the fused adapter's tail columns after it)
+                        let ao = Op::poisoned(&gpu, dt, Lay { rows, cols, ld: cols + 16, off: 0 });
+                        unsafe { k::swiglu_backward_and_product(dt, dout.addr(&gpu), dout.ld(), ga, ld, ua, ld, ga, ld, ua, ld, ao.addr(&gpu), ao.ld(), rows, cols, st) }.unwrap();
+                        let mut act = vec![f32::NAN; rows * cols];
+                        ops::swiglu_forward(&g, &u, &mut act);
+                        check16(&format!("{what} product"), dt, &ao.read(&gpu, "act"), &act, |_| 0.0);
                         let both = guo.read(&gpu, "gate|up");
                         let gd: Vec<f32> = (0..rows).flat_map(|i| both[i * 2 * cols..i * 2 * cols + cols].to_vec()).collect();
                         let ud: Vec<f32> = (0..rows).flat_map(|i| both[i * 2 * cols + cols..(i + 1) * 2 * cols].to_vec()).collect();

@@ -99,6 +99,19 @@ struct Case {
     dropout: Vec<Option<f64>>,
     /// The fused adapter: `xa` in `x`'s tail (forward), `g'` in `dy`'s tail (backward).
     fused: bool,
+    /// How the backward is called.
+    bwd: Bwd,
+}
+
+/// The backward's entry points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bwd {
+    /// `linear::backward`.
+    Full,
+    /// `linear::backward` with `dx` null: adapter gradients only.
+    NoDx,
+    /// `backward_deferring_a_grads`, then `backward_a_grads` (fused, no dropout).
+    Deferred,
 }
 
 impl Case {
@@ -119,6 +132,7 @@ impl Case {
             blocksize: 64,
             dropout: vec![None; outs.len()],
             fused: false,
+            bwd: Bwd::Full,
         }
     }
 }
@@ -360,28 +374,46 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
     }
     let (dx_ptr, dx_dt) = if c.dx16 { (ptr(gpu, &dx16_d), dt) } else { (ptr(gpu, &dx_d), Dtype::F32) };
     poison(s, &mut scratch).unwrap();
-    unsafe {
-        linear::backward(
-            blas,
-            &g,
-            rows,
-            ptr(gpu, &x_d),
-            ldx,
-            xa_p,
-            ldxa,
-            ptr(gpu, &dy_d),
-            lddy,
-            c.fused,
-            dx_ptr,
-            lddx,
-            dx_dt,
-            c.dx_beta,
-            ptr(gpu, &scratch),
-            sb,
-            s.cu_stream(),
-        )
+    let dx_before = if c.dx16 { down(gpu, &dx16_d).iter().map(|&b| b as u32).collect::<Vec<u32>>() } else { bits(&down(gpu, &dx_d)) };
+    match c.bwd {
+        Bwd::Full | Bwd::NoDx => unsafe {
+            let dx_ptr = if c.bwd == Bwd::NoDx { 0 } else { dx_ptr };
+            linear::backward(
+                blas,
+                &g,
+                rows,
+                ptr(gpu, &x_d),
+                ldx,
+                xa_p,
+                ldxa,
+                ptr(gpu, &dy_d),
+                lddy,
+                c.fused,
+                dx_ptr,
+                lddx,
+                dx_dt,
+                c.dx_beta,
+                ptr(gpu, &scratch),
+                sb,
+                s.cu_stream(),
+            )
+        }
+        .unwrap_or_else(|e| panic!("{what}: backward: {e}")),
+        Bwd::Deferred => unsafe {
+            assert!(c.fused, "{what}: deferring dA needs the fused layout");
+            linear::backward_deferring_a_grads(blas, &g, rows, xa_p, ldxa, ptr(gpu, &dy_d), lddy, dx_ptr, lddx, dx_dt, c.dx_beta, ptr(gpu, &scratch), sb, s.cu_stream())
+                .unwrap_or_else(|e| panic!("{what}: backward_deferring_a_grads: {e}"));
+            // dA not written yet; scratch clobbered in between (the model runs other
+            // kernels there): dA must come from dy's tail alone.
+            assert!(r_sum == 0 || bits(&down(gpu, &da_d)) == bits(&da0), "{what}: dA written before backward_a_grads");
+            poison(s, &mut scratch).unwrap();
+            linear::backward_a_grads(blas, &g, rows, ptr(gpu, &x_d), ldx, ptr(gpu, &dy_d), lddy, s.cu_stream()).unwrap_or_else(|e| panic!("{what}: backward_a_grads: {e}"));
+        },
     }
-    .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    if c.bwd == Bwd::NoDx {
+        let after = if c.dx16 { down(gpu, &dx16_d).iter().map(|&b| b as u32).collect::<Vec<u32>>() } else { bits(&down(gpu, &dx_d)) };
+        assert!(after == dx_before, "{what}: backward without dx wrote dx");
+    }
     let dx_all: Vec<f32> = if c.dx16 {
         let v = down(gpu, &dx16_d);
         assert!((0..rows).all(|r| v[r * lddx + inf..(r + 1) * lddx].iter().all(|&x| x == POISON16)), "{what}: backward wrote into dx's row padding");
@@ -420,7 +452,9 @@ fn run_case(gpu: &Gpu, blas: &Blas, rng: &mut Rng, c: &Case) -> Outputs {
     }
     // Without an adapter dx is exact inputs with f32 accumulation; with one, g' is rounded.
     let dx_tol = if r_sum == 0 && !c.dx16 { 1e-5 } else { tol16 };
-    assert_close(&format!("{what}: dx"), &dx_got, &dx_ref, dx_tol);
+    if c.bwd != Bwd::NoDx {
+        assert_close(&format!("{what}: dx"), &dx_got, &dx_ref, dx_tol);
+    }
     if r_sum > 0 {
         for &p in &adapted {
             let h = &host[p];
@@ -637,6 +671,45 @@ fn fused_adapter_matches_the_cpu() {
     let mut c = Case::new(Dtype::Bf16, 50, 48, &[48, 16, 16]);
     c.fused = true;
     run_case(&gpu, &blas, &mut rng, &c);
+}
+
+/// The model's two other backward entry points: no `dx` (the first layer, above a frozen
+/// embedding) and `dA` deferred until the input is written (`down`, whose input the
+/// SwiGLU backward writes): the same adapter gradients as the full backward, checked
+/// against the CPU, and the deferred `dx`/`dB`/`dA` bit-identical to the full call's.
+#[test]
+fn backward_without_dx_and_with_deferred_a_grads() {
+    let Some((gpu, blas, rng)) = setup("backward_without_dx_and_with_deferred_a_grads") else { return };
+    for fused in [false, true] {
+        // q|k|v-like with GQA, an unadapted part, padding; dx f32 as the model's q|k|v.
+        let mut c = Case::new(Dtype::Bf16, 77, 96, &[96, 24, 24]);
+        c.ranks = vec![Some(16), None, Some(8)];
+        c.pad = 3;
+        c.fused = fused;
+        c.bwd = Bwd::NoDx;
+        run_case(&gpu, &blas, &mut rng.clone(), &c);
+    }
+    // down as the model runs it: 16-bit dx, fused; the deferred path vs the full one.
+    for (rows, contiguous) in [(131, true), (64, false)] {
+        let mut c = Case::new(Dtype::Bf16, rows, 176, &[64]);
+        c.ranks = vec![Some(16)];
+        c.beta = 1.0;
+        c.dx16 = true;
+        c.pad = 5;
+        c.fused = true;
+        c.contiguous = contiguous;
+        let full = run_case(&gpu, &blas, &mut rng.clone(), &c);
+        c.bwd = Bwd::Deferred;
+        let deferred = run_case(&gpu, &blas, &mut rng.clone(), &c);
+        assert_eq!(deferred, full, "deferred dA: different bits than the full backward ({rows} rows)");
+    }
+    // Two adapted parts, f16, not contiguous: per-part dA from the tail.
+    let mut c = Case::new(Dtype::F16, 45, 64, &[64, 32]);
+    c.ranks = vec![Some(16), Some(8)];
+    c.contiguous = false;
+    c.fused = true;
+    c.bwd = Bwd::Deferred;
+    run_case(&gpu, &blas, &mut rng.clone(), &c);
 }
 
 /// The fused and the separate adapter GEMMs agree closely on the same data (they differ

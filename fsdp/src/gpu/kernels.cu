@@ -448,16 +448,19 @@ __device__ __forceinline__ void swiglu_fwd(const void* gate, u64 ldg, const void
 }
 
 // dgate may be gate and dup may be up (same stride): every input of an element is read
-// before its outputs are written, by the same thread.
+// before its outputs are written, by the same thread. `act` (when not null) receives the
+// forward's product silu(gate) * up, rounded as swiglu_fwd rounds it (same operations).
 template <int D, bool VEC>
 __device__ __forceinline__ void swiglu_bwd(const void* dout, u64 lddo, const void* gate, u64 ldg, const void* up,
-                                           u64 ldu, void* dgate, u64 lddg, void* dup, u64 lddu, u64 rows, u32 cols) {
+                                           u64 ldu, void* dgate, u64 lddg, void* dup, u64 lddu, void* act, u64 ldact,
+                                           u64 rows, u32 cols) {
     const u32 cpr = (cols + 7) / 8;
     u64 r;
     u32 k;
     if (!item_of(rows * cpr, cpr, r, k)) return;
     const u32 c0 = 8 * k, n = min(8u, cols - c0);
     const u64 dO = r * lddo + c0, go = r * ldg + c0, uo = r * ldu + c0, dgo = r * lddg + c0, duo = r * lddu + c0;
+    const u64 ao = r * ldact + c0;
 #define SWIGLU_BWD(D_, G_, U_, DG, DU)                                                                              \
     {                                                                                                                \
         const float s_ = sigmoid_f(G_);                                                                              \
@@ -469,6 +472,12 @@ __device__ __forceinline__ void swiglu_bwd(const void* dout, u64 lddo, const voi
         ld8<D>(dout, dO, d);
         ld8<D>(gate, go, g);
         ld8<D>(up, uo, u);
+        if (act) {
+            float a[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] = __fmul_rn(__fmul_rn(g[j], sigmoid_f(g[j])), u[j]);
+            st8<D>(act, ao, a);
+        }
 #pragma unroll
         for (int j = 0; j < 8; j++) SWIGLU_BWD(d[j], g[j], u[j], dg[j], du[j])
         st8<D>(dgate, dgo, dg);
@@ -476,6 +485,7 @@ __device__ __forceinline__ void swiglu_bwd(const void* dout, u64 lddo, const voi
     } else {
         for (u32 j = 0; j < n; j++) {
             const float d = ld1<D>(dout, dO + j), g = ld1<D>(gate, go + j), u = ld1<D>(up, uo + j);
+            if (act) st1<D>(act, ao + j, __fmul_rn(__fmul_rn(g, sigmoid_f(g)), u));
             float dg, du;
             SWIGLU_BWD(d, g, u, dg, du)
             st1<D>(dgate, dgo + j, dg);
@@ -498,8 +508,8 @@ SWIGLU_F(swiglu_fwd_bf16_s, 2, false)
 #define SWIGLU_B(NAME, D, VEC)                                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                           \
         NAME(const void* dout, u64 lddo, const void* gate, u64 ldg, const void* up, u64 ldu, void* dgate, u64 lddg,  \
-             void* dup, u64 lddu, u64 rows, u32 cols) {                                                             \
-        swiglu_bwd<D, VEC>(dout, lddo, gate, ldg, up, ldu, dgate, lddg, dup, lddu, rows, cols);                     \
+             void* dup, u64 lddu, void* act, u64 ldact, u64 rows, u32 cols) {                                       \
+        swiglu_bwd<D, VEC>(dout, lddo, gate, ldg, up, ldu, dgate, lddg, dup, lddu, act, ldact, rows, cols);         \
     }
 SWIGLU_B(swiglu_bwd_f16_v, 1, true)
 SWIGLU_B(swiglu_bwd_f16_s, 1, false)

@@ -487,6 +487,7 @@ pub unsafe fn swiglu_forward(
 ///
 /// # Safety
 /// As [`embedding_forward`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn swiglu_backward(
     dt: Dtype,
     dout: u64,
@@ -499,6 +500,36 @@ pub unsafe fn swiglu_backward(
     lddg: usize,
     dup: u64,
     lddu: usize,
+    rows: usize,
+    cols: usize,
+    stream: CUstream,
+) -> Result<(), GpuError> {
+    swiglu_backward_and_product(dt, dout, lddo, gate, ldg, up, ldu, dgate, lddg, dup, lddu, 0, 0, rows, cols, stream)
+}
+
+/// [`swiglu_backward`] that also writes the forward's product `act = silu(gate) * up`
+/// (`dt`, row stride `ldact`), bit-identical to [`swiglu_forward`]'s, from the same read of
+/// `gate` and `up`: a backward that needs the product after the SwiGLU backward (the
+/// `down` projection's `dA`) gets it without a second pass over `gate|up`. `act` 0: not
+/// written (then `ldact` is not checked). `act` must not overlap any other operand.
+///
+/// # Safety
+/// As [`embedding_forward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn swiglu_backward_and_product(
+    dt: Dtype,
+    dout: u64,
+    lddo: usize,
+    gate: u64,
+    ldg: usize,
+    up: u64,
+    ldu: usize,
+    dgate: u64,
+    lddg: usize,
+    dup: u64,
+    lddu: usize,
+    act: u64,
+    ldact: usize,
     rows: usize,
     cols: usize,
     stream: CUstream,
@@ -522,11 +553,16 @@ pub unsafe fn swiglu_backward(
     if dgate == dup {
         return Err(invalid("dup", "is the same buffer as dgate"));
     }
+    if act != 0 {
+        ptr("act", act, 2)?;
+        stride("ldact", ldact, cols)?;
+    }
     let c32 = width32("cols", cols)?;
-    let vec = rows16(dout, lddo, 2) && rows16(gate, ldg, 2) && rows16(up, ldu, 2) && rows16(dgate, lddg, 2) && rows16(dup, lddu, 2);
+    let vec = rows16(dout, lddo, 2) && rows16(gate, ldg, 2) && rows16(up, ldu, 2) && rows16(dgate, lddg, 2) && rows16(dup, lddu, 2) && (act == 0 || rows16(act, ldact, 2));
     let grid = items_grid(rows, c32.div_ceil(8))?;
     let (mut d, mut lddo, mut g, mut ldg, mut u, mut ldu) = (dout, lddo as u64, gate, ldg as u64, up, ldu as u64);
     let (mut dg, mut lddg, mut du, mut lddu, mut rows, mut cols) = (dgate, lddg as u64, dup, lddu as u64, rows as u64, c32);
+    let (mut a, mut lda) = (act, ldact as u64);
     let mut p = [
         arg(&mut d),
         arg(&mut lddo),
@@ -538,6 +574,8 @@ pub unsafe fn swiglu_backward(
         arg(&mut lddg),
         arg(&mut du),
         arg(&mut lddu),
+        arg(&mut a),
+        arg(&mut lda),
         arg(&mut rows),
         arg(&mut cols),
     ];

@@ -763,7 +763,9 @@ unsafe fn adapter_input(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize,
 /// `dy`: compute dtype `[rows, O]`, row stride `lddy`. `xa`: row stride `ldxa` (`x`'s tail
 /// as the fused forward left it, or its own matrix). `dx_dt` is f32 or the compute dtype
 /// (then rounded by each of the two `dx` GEMMs, as PEFT's bf16 backward is). `dx_beta` 0
-/// overwrites `dx` (its old contents are not read), 1 accumulates.
+/// overwrites `dx` (its old contents are not read), 1 accumulates. `dx` 0: no input
+/// gradient (the first layer above a frozen embedding): the base GEMM, the weight's
+/// dequantization and the adapters' `dx` terms are skipped, `dA`/`dB` computed as always.
 ///
 /// **Fused adapter** (opt in, `dy_tail`): the caller's `dy` has `R` more columns per row
 /// (`lddy >= O + R`) that this call may overwrite: `g'` is written there and `dx` is one
@@ -793,7 +795,90 @@ pub unsafe fn backward(
     scratch_bytes: usize,
     stream: CUstream,
 ) -> Result<(), GpuError> {
+    backward_impl(blas, g, rows, Some((x, ldx)), xa, ldxa, dy, lddy, dy_tail, dx, lddx, dx_dt, dx_beta, scratch, scratch_bytes, stream)
+}
+
+/// [`backward`] without the `dA` GEMM, for a caller whose `x` is not ready yet (the MLP's
+/// `down`, whose input the SwiGLU backward recomputes after `down`'s `dx` is known): `g'`
+/// stays in `dy`'s tail, and [`backward_a_grads`] finishes with the same `dy` once `x` is
+/// written. Only the fused layout without dropout defers (`dy_tail`, no part dropping:
+/// [`Group::has_dropout`]); anything else is an error. Between the two calls nothing may
+/// write `dy`'s tail.
+///
+/// # Safety
+/// As [`backward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_deferring_a_grads(
+    blas: &Blas,
+    g: &Group,
+    rows: usize,
+    xa: u64,
+    ldxa: usize,
+    dy: u64,
+    lddy: usize,
+    dx: u64,
+    lddx: usize,
+    dx_dt: Dtype,
+    dx_beta: f32,
+    scratch: u64,
+    scratch_bytes: usize,
+    stream: CUstream,
+) -> Result<(), GpuError> {
+    if g.has_dropout() {
+        return Err(invalid("group", "defers dA only without dropout (a dropped part reads its masked input)"));
+    }
+    backward_impl(blas, g, rows, None, xa, ldxa, dy, lddy, true, dx, lddx, dx_dt, dx_beta, scratch, scratch_bytes, stream)
+}
+
+/// The `dA` half of [`backward_deferring_a_grads`]: `dA_p += g'_p^T x` (f32) with `g'` in
+/// `dy`'s tail (columns `O ..`, row stride `lddy`) as that call left it.
+///
+/// # Safety
+/// As [`backward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_a_grads(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, dy: u64, lddy: usize, stream: CUstream) -> Result<(), GpuError> {
     let (o, r) = check_group(g, rows, true)?;
+    if g.has_dropout() {
+        return Err(invalid("group", "defers dA only without dropout (a dropped part reads its masked input)"));
+    }
+    check_ld("ldx", ldx, g.in_features)?;
+    check_ld("lddy", lddy, o + r)?;
+    if r == 0 {
+        return Ok(());
+    }
+    if x == 0 || dy == 0 {
+        return Err(invalid(if x == 0 { "x" } else { "dy" }, "is a null pointer"));
+    }
+    if blas.stream() != stream {
+        return Err(invalid("blas", "the cuBLAS handle is bound to another stream than `stream`"));
+    }
+    // No scratch is read without dropout.
+    a_grads(blas, g, rows, x, ldx, dy + (o * g.dtype.size()) as u64, lddy, 0, stream)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_impl(
+    blas: &Blas,
+    g: &Group,
+    rows: usize,
+    x: Option<(u64, usize)>,
+    xa: u64,
+    ldxa: usize,
+    dy: u64,
+    lddy: usize,
+    dy_tail: bool,
+    dx: u64,
+    lddx: usize,
+    dx_dt: Dtype,
+    dx_beta: f32,
+    scratch: u64,
+    scratch_bytes: usize,
+    stream: CUstream,
+) -> Result<(), GpuError> {
+    let (o, r) = check_group(g, rows, true)?;
+    // `None`: dA deferred to [`backward_a_grads`] (x not read here).
+    let defer = x.is_none();
+    let (x, ldx) = x.unwrap_or((0, g.in_features));
     if dx_dt != g.dtype && dx_dt != Dtype::F32 {
         return Err(invalid("dx_dt", format!("must be the compute dtype {} or f32, got {}", g.dtype.name(), dx_dt.name())));
     }
@@ -801,12 +886,12 @@ pub unsafe fn backward(
     check_ld("ldx", ldx, g.in_features)?;
     check_ld("lddy", lddy, if dy_tail { o + r } else { o })?;
     check_ld("lddx", lddx, g.in_features)?;
-    for (name, ptr) in [("dy", dy), ("dx", dx)] {
-        if ptr == 0 {
-            return Err(invalid(name, "is a null pointer"));
-        }
+    if dy == 0 {
+        return Err(invalid("dy", "is a null pointer"));
     }
-    if r > 0 && (x == 0 || xa == 0) {
+    // dx 0: no input gradient wanted (see `backward`).
+    let want_dx = dx != 0;
+    if r > 0 && ((!defer && x == 0) || xa == 0) {
         return Err(invalid(if x == 0 { "x" } else { "xa" }, format!("is a null pointer but the group has adapters (R = {r})")));
     }
     if r > 0 {
@@ -825,7 +910,9 @@ pub unsafe fn backward(
     // Where g' [rows, R] goes: dy's tail (fused) or scratch.
     let (gbuf, ldg) = if fused { (dy + o as u64 * e, lddy) } else { (scratch + lay.g as u64, r) };
 
-    dequant_group(g, w, inf, stream)?;
+    if want_dx {
+        dequant_group(g, w, inf, stream)?;
+    }
     // g'_p^T [r, rows] = s B_p^T [r, out_p] dy_p^T [out_p, rows]  (B_p row-major [out, r] is
     // column-major [r, out]).
     let (mut col, mut rc) = (0usize, 0usize);
@@ -853,10 +940,12 @@ pub unsafe fn backward(
         blas.gemm("linear backward: dx = dy W", Op::N, Op::N, inf, rows, o, 1.0, Mat::new(w, dt, inf), Mat::new(dy, dt, lddy), beta, Mat::new(dx, dxt, lddx))
     };
     if r == 0 {
-        return base(dx_beta);
+        return if want_dx { base(dx_beta) } else { Ok(()) };
     }
     let adapters: Vec<LoraRef> = g.parts.iter().filter_map(|p| p.lora).collect();
-    if fused {
+    if !want_dx {
+        // only the adapters' own gradients below
+    } else if fused {
         // W'' = [W ; A] [O + R, in]: the stacked A right below W. dx^T [in, rows] (+)=
         // W''^T [in, O + R] dy'^T [O + R, rows], one GEMM.
         copy_a(g, w + (o * inf) as u64 * e, stream)?;
@@ -920,39 +1009,50 @@ pub unsafe fn backward(
         }
         col += p.out_features;
     }
-    // dA (column-major [in, r]) += x^T [in, rows] g' [rows, r]: one GEMM over all parts
-    // when their dA buffers are contiguous (and no part drops: else per part, a dropped
-    // part reading its regenerated xd_p).
+    if defer {
+        return Ok(());
+    }
+    a_grads(blas, g, rows, x, ldx, gbuf, ldg, scratch + lay.d as u64, stream)
+}
+
+/// `dA_p += g'_p^T x` (f32) with `g'` at `gbuf` (row stride `ldg`): one GEMM over all parts
+/// when their dA buffers are contiguous and no part drops; else per part, a dropped part
+/// reading its regenerated `xd_p` (written to `xd`, scratch).
+#[allow(clippy::too_many_arguments)]
+unsafe fn a_grads(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, gbuf: u64, ldg: usize, xd: u64, stream: CUstream) -> Result<(), GpuError> {
+    let dt = blas_dtype(g.dtype);
+    let e = g.dtype.size() as u64;
+    let inf = g.in_features;
+    let adapters: Vec<LoraRef> = g.parts.iter().filter_map(|p| p.lora).collect();
+    let r: usize = adapters.iter().map(|l| l.r).sum();
     let row_bytes = (inf * 4) as u64;
     let contiguous = adapters.windows(2).all(|w| w[1].da == w[0].da + w[0].r as u64 * row_bytes);
-    if !dropout && contiguous {
-        blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, ldg), 1.0, Mat::new(adapters[0].da, DataType::F32, inf))?;
-    } else {
-        let xd = scratch + lay.d as u64;
-        let mut rc = 0usize;
-        for l in &adapters {
-            let (src, ld) = match l.active_dropout() {
-                Some(d) => {
-                    dropout_input(g.dtype, x, ldx, rows, inf, &d, xd, inf, stream)?;
-                    (xd, inf)
-                }
-                None => (x, ldx),
-            };
-            blas.gemm(
-                "linear backward: dA += g^T xd",
-                Op::N,
-                Op::T,
-                inf,
-                l.r,
-                rows,
-                1.0,
-                Mat::new(src, dt, ld),
-                Mat::new(gbuf + rc as u64 * e, dt, ldg),
-                1.0,
-                Mat::new(l.da, DataType::F32, inf),
-            )?;
-            rc += l.r;
-        }
+    if !g.has_dropout() && contiguous {
+        return blas.gemm("linear backward: dA += g^T x", Op::N, Op::T, inf, r, rows, 1.0, Mat::new(x, dt, ldx), Mat::new(gbuf, dt, ldg), 1.0, Mat::new(adapters[0].da, DataType::F32, inf));
+    }
+    let mut rc = 0usize;
+    for l in &adapters {
+        let (src, ld) = match l.active_dropout() {
+            Some(d) => {
+                dropout_input(g.dtype, x, ldx, rows, inf, &d, xd, inf, stream)?;
+                (xd, inf)
+            }
+            None => (x, ldx),
+        };
+        blas.gemm(
+            "linear backward: dA += g^T xd",
+            Op::N,
+            Op::T,
+            inf,
+            l.r,
+            rows,
+            1.0,
+            Mat::new(src, dt, ld),
+            Mat::new(gbuf + rc as u64 * e, dt, ldg),
+            1.0,
+            Mat::new(l.da, DataType::F32, inf),
+        )?;
+        rc += l.r;
     }
     Ok(())
 }

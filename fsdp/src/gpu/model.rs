@@ -20,8 +20,8 @@
 //!
 //! Backward of one layer, from `dres` (f32, the gradient of the layer's output):
 //! ```text
-//! down:   dy = dres (as 16-bit), a recomputed  -> da (f32 -> 16-bit), dA/dB of down
-//! swiglu: dgate, dup written over gu (in place)
+//! down:   dy = dres (as 16-bit)                 -> da (f32 -> 16-bit), dB of down
+//! swiglu: dgate, dup written over gu (in place), a recomputed beside them; dA of down
 //! gate|up: n recomputed = rmsnorm(h)           -> dn (f32), dA/dB
 //! norm 2: dres += rmsnorm'(dn)                 (the residual's gradient now d/dh)
 //! o_proj: dy = dres (16-bit)                   -> do (f32 -> 16-bit), dA/dB
@@ -29,6 +29,11 @@
 //! q|k|v:  n recomputed = rmsnorm(x)            -> dn, dA/dB
 //! norm 1: dres += rmsnorm'(dn)                 (now d/dx: the previous layer's output)
 //! ```
+//! `down`'s `dA` needs `a`, which the SwiGLU backward recomputes from the same read of
+//! `gate|up` as its gradients, so `dA` waits for it (fused adapters without dropout; else
+//! `a` is recomputed first by its own pass). Layer 0 stops after its adapters' gradients:
+//! no `dn` for `q|k|v` (its GEMM and dequantization skipped) and no norm-1 backward, since
+//! the embedding below is frozen.
 //! **Fused adapters** ([`RuntimeOptions::fused_lora`], on by default): each linear's
 //! adapter rides in its base GEMM ([`linear`]'s "Fused adapter"). The buffers that feed
 //! the linears carry `R` more columns per row (`Strides`): `n` (`H + max(R_qkv, R_gu)`),
@@ -1032,7 +1037,8 @@ impl GpuTrainer {
                 self.layer_backward(m, &k, &shape, b.docs.is_some(), l, slot, x, recomputed, l + 1 < nl, &s)?;
                 self.release_input(l)?;
             }
-            // dres is now the gradient of the frozen embedding's output: nothing to train there.
+            // Layer 0 stopped at its adapters: the embedding is frozen, so no gradient flows
+            // into it (dres holds layer 1's input gradient, unused).
             self.finish_offload(&s)?;
             self.mark("backward", &s)?;
             self.phases.host_backward_ms = host.elapsed().as_secs_f64() * 1e3;
@@ -1283,12 +1289,22 @@ impl GpuTrainer {
             kernels::cast(Dtype::F32, dres, hd, dt, dy16, ld.dy16, t, hd, st)?;
         }
         let up = gu + Dims::col(inter);
-        if !act_ready {
-            kernels::swiglu_forward(dt, gu, ld.gu, up, ld.gu, act, ld.act, t, inter, st)?;
+        // Fused without dropout, down's dA waits for the SwiGLU backward, which writes the
+        // product beside its gradients from the same read of gate|up: no separate
+        // recomputation pass. (g' stays in dy16's tail in between.)
+        let defer = tail && !act_ready && !group(3, inter).has_dropout();
+        if defer {
+            linear::backward_deferring_a_grads(&self.blas, &group(3, inter), t, xa[3], ldxa[3], dy16, ld.dy16, dact, inter, dt, 0.0, ls, lsb, st)?;
+            kernels::swiglu_backward_and_product(dt, dact, inter, gu, ld.gu, up, ld.gu, gu, ld.gu, up, ld.gu, act, ld.act, t, inter, st)?;
+            linear::backward_a_grads(&self.blas, &group(3, inter), t, act, ld.act, dy16, ld.dy16, st)?;
+        } else {
+            if !act_ready {
+                kernels::swiglu_forward(dt, gu, ld.gu, up, ld.gu, act, ld.act, t, inter, st)?;
+            }
+            linear::backward(&self.blas, &group(3, inter), t, act, ld.act, xa[3], ldxa[3], dy16, ld.dy16, tail, dact, inter, dt, 0.0, ls, lsb, st)?;
+            // SwiGLU, in place over gate|up
+            kernels::swiglu_backward(dt, dact, inter, gu, ld.gu, up, ld.gu, gu, ld.gu, up, ld.gu, t, inter, st)?;
         }
-        linear::backward(&self.blas, &group(3, inter), t, act, ld.act, xa[3], ldxa[3], dy16, ld.dy16, tail, dact, inter, dt, 0.0, ls, lsb, st)?;
-        // SwiGLU, in place over gate|up
-        kernels::swiglu_backward(dt, dact, inter, gu, ld.gu, up, ld.gu, gu, ld.gu, up, ld.gu, t, inter, st)?;
         // gate|up, post-attention norm (its output recomputed)
         kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
         linear::backward(&self.blas, &group(2, hd), t, n, ld.n, xa[2], ldxa[2], gu, ld.gu, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
@@ -1307,10 +1323,14 @@ impl GpuTrainer {
         kernels::rope_backward(dt, dk, lq, t, nkv_h, d, cos, sin, st)?;
         // q|k|v, input norm (its output recomputed)
         kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
-        linear::backward(&self.blas, &group(0, hd), t, n, ld.n, xa[0], ldxa[0], dqkv, lq, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
-        // ... and, below the first layer, dres in 16-bit into dy16: the previous layer's down dy.
-        let next = if l > 0 { dy16 } else { 0 };
-        kernels::rms_norm_backward_cast(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, next, ld.dy16, st)?;
+        // The first layer's input gradient would only reach the frozen embedding: layer 0
+        // computes its adapters' gradients but no dx (nor the input norm's backward).
+        let dx = if l > 0 { dn } else { 0 };
+        linear::backward(&self.blas, &group(0, hd), t, n, ld.n, xa[0], ldxa[0], dqkv, lq, tail, dx, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        // ... and dres in 16-bit into dy16: the previous layer's down dy.
+        if l > 0 {
+            kernels::rms_norm_backward_cast(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, dy16, ld.dy16, st)?;
+        }
         Ok(())
     }
 
