@@ -276,11 +276,18 @@ fn rms_norm_forward_matches_cpu() {
                         let wo = Op::input(&gpu, &mut r, dt, Lay::new(mode, 1, hidden, 1).dense_if(true), &w);
                         let yo = Op::poisoned(&gpu, dt, Lay::new(mode, rows, hidden, 2));
                         let ro = Op::poisoned(&gpu, Dtype::F32, Lay::dense(1, rows));
+                        // Every other layout also copies x out (the model's residual stream).
+                        let copy = (mode % 2 == 1).then(|| Op::poisoned(&gpu, x_dt, Lay::new(mode, rows, hidden, 3)));
+                        let (ca, cld) = copy.as_ref().map_or((0, 0), |c| (c.addr(&gpu), c.ld()));
                         unsafe {
-                            k::rms_norm_forward(x_dt, dt, xo.addr(&gpu), xo.ld(), wo.addr(&gpu), rows, hidden, eps, yo.addr(&gpu), yo.ld(), ro.addr(&gpu), st)
+                            k::rms_norm_forward_copy(x_dt, dt, xo.addr(&gpu), xo.ld(), wo.addr(&gpu), rows, hidden, eps, yo.addr(&gpu), yo.ld(), ro.addr(&gpu), ca, cld, st)
                         }
                         .unwrap();
                         let what = format!("rms fwd x {} y {} {rows}x{hidden} {}", x_dt.name(), dt.name(), mode_name);
+                        if let Some(c) = &copy {
+                            let got: Vec<u32> = c.read(&gpu, "xcopy").iter().map(|v| v.to_bits()).collect();
+                            assert!(got == x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), "{what}: xcopy is not x");
+                        }
                         let grs = ro.read(&gpu, "rstd");
                         for (i, (&g, &c)) in grs.iter().zip(&rs).enumerate() {
                             assert!((g - c).abs() <= 2e-6 * c, "{what}: rstd[{i}] {g} vs CPU {c}");

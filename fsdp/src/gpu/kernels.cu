@@ -194,14 +194,16 @@ EMBEDDING(embedding_bf16_s, 2, false)
 
 // ---------------------------------------------------------------- RMSNorm
 // Forward: rstd = 1 / sqrt(sum(x^2) / hidden + eps); y = w * (x * rstd) (the CPU's order).
+// xcopy (dtype XD, may be null): x itself written out (the residual stream's next buffer,
+// without a separate copy's read of x).
 template <int XD, int D, bool VEC>
 __device__ __forceinline__ void rms_fwd(const void* x, u64 ldx, const void* w, u32 hidden, float eps, void* y, u64 ldy,
-                                        float* rstd) {
+                                        float* rstd, void* xcopy, u64 ldc) {
     __shared__ float sh[32];
     const u64 row = blockIdx.x;
     const u32 tid = threadIdx.x, nt = blockDim.x;
     const u32 nch = VEC ? hidden / 8 : 0;  // vector items; elements nch*8.. take the scalar path
-    const u64 xo = row * ldx, yo = row * ldy;
+    const u64 xo = row * ldx, yo = row * ldy, co = row * ldc;
     Raw<XD> xc[KMAX];
     float ss = 0.f;
 #pragma unroll
@@ -238,6 +240,7 @@ __device__ __forceinline__ void rms_fwd(const void* x, u64 ldx, const void* w, u
 #pragma unroll
             for (int j = 0; j < 8; j++) o[j] = __fmul_rn(wv[j], __fmul_rn(v[j], r));
             st8<D>(y, yo + 8ull * c, o);
+            if (xcopy) st8<XD>(xcopy, co + 8ull * c, v);
         }
     }
     for (u32 c = KMAX * nt + tid; c < nch; c += nt) {
@@ -247,9 +250,12 @@ __device__ __forceinline__ void rms_fwd(const void* x, u64 ldx, const void* w, u
 #pragma unroll
         for (int j = 0; j < 8; j++) o[j] = __fmul_rn(wv[j], __fmul_rn(v[j], r));
         st8<D>(y, yo + 8ull * c, o);
+        if (xcopy) st8<XD>(xcopy, co + 8ull * c, v);
     }
     for (u32 e = nch * 8 + tid; e < hidden; e += nt) {
-        st1<D>(y, yo + e, __fmul_rn(ld1<D>(w, e), __fmul_rn(ld1<XD>(x, xo + e), r)));
+        const float v = ld1<XD>(x, xo + e);
+        st1<D>(y, yo + e, __fmul_rn(ld1<D>(w, e), __fmul_rn(v, r)));
+        if (xcopy) st1<XD>(xcopy, co + e, v);
     }
 }
 
@@ -345,8 +351,9 @@ __device__ __forceinline__ void rms_bwd(const void* dy, u64 lddy, const void* x,
 
 #define RMS_FWD(NAME, XD, D, VEC)                                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(const void* x, u64 ldx, const void* w, u32 hidden,    \
-                                                               float eps, void* y, u64 ldy, float* rstd) {          \
-        rms_fwd<XD, D, VEC>(x, ldx, w, hidden, eps, y, ldy, rstd);                                                  \
+                                                               float eps, void* y, u64 ldy, float* rstd,            \
+                                                               void* xcopy, u64 ldc) {                              \
+        rms_fwd<XD, D, VEC>(x, ldx, w, hidden, eps, y, ldy, rstd, xcopy, ldc);                                      \
     }
 #define RMS_FWD2(XN, XD, DN, D) RMS_FWD(rms_fwd_##XN##_##DN##_v, XD, D, true) RMS_FWD(rms_fwd_##XN##_##DN##_s, XD, D, false)
 RMS_FWD2(f32, 0, bf16, 2)

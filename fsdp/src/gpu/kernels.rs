@@ -243,6 +243,33 @@ pub unsafe fn rms_norm_forward(
     rstd: u64,
     stream: CUstream,
 ) -> Result<(), GpuError> {
+    rms_norm_forward_copy(x_dt, dt, x, ldx, w, rows, hidden, eps, y, ldy, rstd, 0, 0, stream)
+}
+
+/// [`rms_norm_forward`] that also copies `x` to `xcopy` (`x_dt`, row stride `ldc`) from
+/// the same read: the residual stream's next buffer, which the following GEMM accumulates
+/// onto, without a separate copy pass. `xcopy` 0: no copy (`ldc` not checked). `xcopy`
+/// must not overlap any other operand.
+///
+/// # Safety
+/// As [`embedding_forward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rms_norm_forward_copy(
+    x_dt: Dtype,
+    dt: Dtype,
+    x: u64,
+    ldx: usize,
+    w: u64,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+    y: u64,
+    ldy: usize,
+    rstd: u64,
+    xcopy: u64,
+    ldc: usize,
+    stream: CUstream,
+) -> Result<(), GpuError> {
     sixteen("dt", dt)?;
     f32_or("x_dt", x_dt, dt)?;
     if !(eps >= 0.0 && eps.is_finite()) {
@@ -257,11 +284,16 @@ pub unsafe fn rms_norm_forward(
     ptr("rstd", rstd, 4)?;
     stride("ldx", ldx, hidden)?;
     stride("ldy", ldy, hidden)?;
+    if xcopy != 0 {
+        ptr("xcopy", xcopy, x_dt.size())?;
+        stride("ldc", ldc, hidden)?;
+    }
     let h32 = width32("hidden", hidden)?;
-    let vec = rows16(x, ldx, x_dt.size()) && rows16(y, ldy, dt.size()) && w % 16 == 0;
+    let vec = rows16(x, ldx, x_dt.size()) && rows16(y, ldy, dt.size()) && w % 16 == 0 && (xcopy == 0 || rows16(xcopy, ldc, x_dt.size()));
     let grid = row_grid(rows)?;
     let (mut x, mut ldx, mut w, mut h, mut eps, mut y, mut ldy, mut rstd) = (x, ldx as u64, w, h32, eps, y, ldy as u64, rstd);
-    let mut p = [arg(&mut x), arg(&mut ldx), arg(&mut w), arg(&mut h), arg(&mut eps), arg(&mut y), arg(&mut ldy), arg(&mut rstd)];
+    let (mut xc, mut ldc) = (xcopy, ldc as u64);
+    let mut p = [arg(&mut x), arg(&mut ldx), arg(&mut w), arg(&mut h), arg(&mut eps), arg(&mut y), arg(&mut ldy), arg(&mut rstd), arg(&mut xc), arg(&mut ldc)];
     go(&format!("rms_fwd_{}_{}_{}", x_dt.name(), dt.name(), vs(vec)), grid, row_threads(hidden), stream, &mut p)
 }
 

@@ -7,16 +7,17 @@
 //! qkv = [q|k|v](n)                      linear::forward, one GEMM       (saved, [T, W])
 //! q,k = rope(q, k)                      kernels::rope_forward, in place
 //! o   = attention(q, k, v)              attention::forward              (saved, + lse)
-//! h   = x + o_proj(o)                   copy x -> h, linear::forward with beta 1
+//! h   = x + o_proj(o)                   h = x (written by the norm above), beta 1
 //! n   = rmsnorm(h)
 //! gu  = [gate|up](n)                    one GEMM                        (saved, [T, 2I])
 //! a   = silu(gate) * up                 kernels::swiglu_forward         (a: scratch)
-//! out = h + down(a)                     copy h -> out, beta 1
+//! out = h + down(a)                     out = h (written by the norm of h), beta 1
 //! ```
 //! The residual stream is kept in the compute dtype (as transformers does in bf16
-//! training), so the layer inputs `x` and `h` are what the backward's norms read. The norm
-//! outputs and the SwiGLU product are **recomputed** in the backward rather than saved
-//! (cheap row kernels instead of `3 x T x H + T x I` 16-bit values per layer).
+//! training), so the layer inputs `x` and `h` are what the backward's norms read. The
+//! SwiGLU product is **recomputed** in the backward rather than saved (`T x I` 16-bit
+//! values per layer), and so are the norm outputs under checkpointing; without it they
+//! are kept ([`RuntimeOptions::keep_norms`], `2 x T x H` per layer for two row kernels).
 //!
 //! Backward of one layer, from `dres` (f32, the gradient of the layer's output):
 //! ```text
@@ -379,6 +380,10 @@ struct Saved {
     r2: CudaSlice<f32>,
     /// `gate|up`, `[T, 2I]` (`Off`; with checkpointing it lives in [`Buffers::mlp`]).
     gu: Option<CudaSlice<u16>>,
+    /// The two norm outputs (inputs of q|k|v and gate|up, with the fused adapters' `x A^T`
+    /// in their tails), `[T, ld.n]` each: kept with [`RuntimeOptions::keep_norms`] (`Off`),
+    /// else recomputed in the backward.
+    norms: Option<[CudaSlice<u16>; 2]>,
     /// `x A^T` of each group's adapters.
     xa: [CudaSlice<u16>; 4],
 }
@@ -584,6 +589,8 @@ struct Buffers {
     /// Intermediate size (for [`MlpArena`]).
     inter: usize,
     mode: Checkpointing,
+    /// [`RuntimeOptions::keep_norms`] in effect (`Off` only).
+    keep_norms: bool,
     /// One per layer (`Off`), or one reused by every layer.
     saved: Vec<Saved>,
     inputs: Inputs,
@@ -666,6 +673,12 @@ pub struct RuntimeOptions {
     /// adapter"): on by default; `FSDP_FUSED_LORA=0` in the environment turns the default
     /// off (for comparing the two paths with one binary).
     pub fused_lora: bool,
+    /// Without checkpointing, keep each layer's two RMSNorm outputs for the backward
+    /// instead of recomputing them there (`2 T (H + R)` 16-bit values per layer: 1.1 GB at
+    /// the Llama-3.2-1B shape and 8192 tokens, for two row kernels per layer). On by
+    /// default (`FSDP_KEEP_NORMS=0` in the environment turns the default off, to compare);
+    /// ignored with checkpointing (a recomputed layer has them at hand).
+    pub keep_norms: bool,
 }
 
 /// Where the last micro-step and optimizer step spent their time ([`RuntimeOptions::profile`]):
@@ -725,7 +738,8 @@ impl RuntimeOptions {
     pub fn for_checkpointing(checkpointing: Checkpointing) -> RuntimeOptions {
         let head_budget = 512 << 20;
         let fused_lora = std::env::var("FSDP_FUSED_LORA").map_or(true, |v| v != "0");
-        RuntimeOptions { head_budget, checkpointing, profile: false, fused_lora }
+        let keep_norms = std::env::var("FSDP_KEEP_NORMS").map_or(true, |v| v != "0");
+        RuntimeOptions { head_budget, checkpointing, profile: false, fused_lora, keep_norms }
     }
 }
 
@@ -856,7 +870,8 @@ impl GpuTrainer {
 
     fn ensure_buffers(&mut self, m: &GpuModel, tokens: usize) -> Result<()> {
         let mode = self.options.checkpointing;
-        if self.bufs.as_ref().is_some_and(|b| b.tokens >= tokens && b.mode == mode && b.ld.fused == self.options.fused_lora) {
+        let keep_norms = mode == Checkpointing::Off && self.options.keep_norms;
+        if self.bufs.as_ref().is_some_and(|b| b.tokens >= tokens && b.mode == mode && b.ld.fused == self.options.fused_lora && b.keep_norms == keep_norms) {
             return Ok(());
         }
         self.bufs = None; // free the old ones first
@@ -882,11 +897,13 @@ impl GpuTrainer {
                 h: alloc(s, t * k.hd, a)?,
                 r2: alloc(s, t, a)?,
                 gu: if mode == Checkpointing::Off { Some(alloc(s, t * ld.gu, a)?) } else { None },
-                // Fused, o_proj's xa stays in o's tail (o is saved): no copy of its own.
+                norms: if keep_norms { Some([alloc(s, t * ld.n, a)?, alloc(s, t * ld.n, a)?]) } else { None },
+                // Fused, o_proj's xa stays in o's tail (o is saved): no copy of its own;
+                // likewise q|k|v's and gate|up's in the kept norms' tails.
                 xa: [
-                    alloc(s, t * rg[0], a)?,
+                    alloc(s, if ld.fused && keep_norms { 0 } else { t * rg[0] }, a)?,
                     alloc(s, if ld.fused { 0 } else { t * rg[1] }, a)?,
-                    alloc(s, t * rg[2], a)?,
+                    alloc(s, if ld.fused && keep_norms { 0 } else { t * rg[2] }, a)?,
                     alloc(s, t * rg[3], a)?,
                 ],
             });
@@ -930,6 +947,7 @@ impl GpuTrainer {
             ld,
             inter: k.inter,
             mode,
+            keep_norms,
             saved,
             inputs,
             last_rstd,
@@ -1163,6 +1181,9 @@ impl GpuTrainer {
         let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let [xa0, xa1, xa2, xa3] = &mut sv.xa;
         let xa = [addr_mut(xa0, s), addr_mut(xa1, s), addr_mut(xa2, s), addr_mut(xa3, s)];
+        // The norms' outputs: kept per layer (with their xa tails), or the shared scratch.
+        let kept = sv.norms.is_some();
+        let (n1, n2) = sv.norms.as_mut().map_or((n, n), |[a, b]| (addr_mut(a, s), addr_mut(b, s)));
         let ld = bufs.ld;
         let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
         let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
@@ -1171,16 +1192,17 @@ impl GpuTrainer {
         // it runs); o's tail is kept as it is (o is saved). Else the dense xa directly.
         let xa_at = |x: u64, cols: usize, ldx: usize, dense: u64, gi: usize| if ld.fused && ld.r[gi] > 0 { (x + Dims::col(cols), ldx) } else { (dense, ld.r[gi]) };
         let keep = |x: u64, cols: usize, ldx: usize, dense: u64, gi: usize| -> Result<()> {
-            if ld.fused && ld.r[gi] > 0 {
+            if ld.fused && ld.r[gi] > 0 && !(kept && (gi == 0 || gi == 2)) {
                 kernels::cast(dt, x + Dims::col(cols), ldx, dt, dense, ld.r[gi], t, ld.r[gi], st)?;
             }
             Ok(())
         };
 
-        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, r1, st)?;
-        let (xp, ldxa) = xa_at(n, hd, ld.n, xa[0], 0);
-        linear::forward(&self.blas, &group(0, hd), t, n, ld.n, qkv, w, dt, 0.0, xp, ldxa, ls, lsb, st)?;
-        keep(n, hd, ld.n, xa[0], 0)?;
+        // h starts as x (o_proj accumulates onto it): copied by the norm from its read of x.
+        kernels::rms_norm_forward_copy(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n1, ld.n, r1, h, hd, st)?;
+        let (xp, ldxa) = xa_at(n1, hd, ld.n, xa[0], 0);
+        linear::forward(&self.blas, &group(0, hd), t, n1, ld.n, qkv, w, dt, 0.0, xp, ldxa, ls, lsb, st)?;
+        keep(n1, hd, ld.n, xa[0], 0)?;
         let (kk, vv) = (qkv + Dims::col(nq), qkv + Dims::col(nq + nkv));
         kernels::rope_forward(dt, qkv, w, t, nh, d, cos, sin, st)?;
         kernels::rope_forward(dt, kk, w, t, nkv_h, d, cos, sin, st)?;
@@ -1188,18 +1210,18 @@ impl GpuTrainer {
             let fwd = attention::AttnForward { shape: *shape, dtype: dt, q: qkv, ldq: w, k: kk, ldk: w, v: vv, ldv: w, docs, o, ldo: ld.o, lse };
             attention::forward(&fwd, st)?;
         }
-        memcpy_d2d(h, x, t * hd * 2, st)?;
         let (xp, ldxa) = xa_at(o, nq, ld.o, xa[1], 1);
         linear::forward(&self.blas, &group(1, nq), t, o, ld.o, h, hd, dt, 1.0, xp, ldxa, ls, lsb, st)?;
-        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, r2, st)?;
-        let (xp, ldxa) = xa_at(n, hd, ld.n, xa[2], 2);
-        linear::forward(&self.blas, &group(2, hd), t, n, ld.n, gu, ld.gu, dt, 0.0, xp, ldxa, ls, lsb, st)?;
-        keep(n, hd, ld.n, xa[2], 2)?;
+        // Likewise out starts as h (down accumulates onto it), unless recomputing.
+        let copy = if recompute { 0 } else { out };
+        kernels::rms_norm_forward_copy(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n2, ld.n, r2, copy, hd, st)?;
+        let (xp, ldxa) = xa_at(n2, hd, ld.n, xa[2], 2);
+        linear::forward(&self.blas, &group(2, hd), t, n2, ld.n, gu, ld.gu, dt, 0.0, xp, ldxa, ls, lsb, st)?;
+        keep(n2, hd, ld.n, xa[2], 2)?;
         kernels::swiglu_forward(dt, gu, ld.gu, gu + Dims::col(inter), ld.gu, act, ld.act, t, inter, st)?;
         if recompute {
             linear::forward_adapter_input(&self.blas, &group(3, inter), t, act, ld.act, xa[3], ld.r[3], ls, lsb, st)?;
         } else {
-            memcpy_d2d(out, h, t * hd * 2, st)?;
             let (xp, ldxa) = xa_at(act, inter, ld.act, xa[3], 3);
             linear::forward(&self.blas, &group(3, inter), t, act, ld.act, out, hd, dt, 1.0, xp, ldxa, ls, lsb, st)?;
             keep(act, inter, ld.act, xa[3], 3)?;
@@ -1275,9 +1297,20 @@ impl GpuTrainer {
         let (h, r2) = (addr(&sv.h, s), addr(&sv.r2, s));
         let gu = sv.gu.as_mut().map_or(gu_arena, |g| addr_mut(g, s));
         let ld = bufs.ld;
-        // o_proj's xa: o's tail when fused (o is saved with it), else its own.
-        let xa = [addr(&sv.xa[0], s), if ld.fused && ld.r[1] > 0 { o + Dims::col(nq) } else { addr(&sv.xa[1], s) }, addr(&sv.xa[2], s), addr(&sv.xa[3], s)];
-        let ldxa = [ld.r[0], if ld.fused && ld.r[1] > 0 { ld.o } else { ld.r[1] }, ld.r[2], ld.r[3]];
+        let kept = sv.norms.as_ref().map(|[a, b]| (addr(a, s), addr(b, s)));
+        // xa: o_proj's in o's tail when fused (o is saved with it), q|k|v's and gate|up's in
+        // the kept norms' tails when fused, else their own.
+        let tail_of = |x: Option<u64>, cols: usize, ldx: usize, own: &CudaSlice<u16>, gi: usize| match x {
+            Some(x) if ld.fused && ld.r[gi] > 0 => (x + Dims::col(cols), ldx),
+            _ => (addr(own, s), ld.r[gi]),
+        };
+        let xas = [
+            tail_of(kept.map(|k| k.0), hd, ld.n, &sv.xa[0], 0),
+            tail_of(Some(o), nq, ld.o, &sv.xa[1], 1),
+            tail_of(kept.map(|k| k.1), hd, ld.n, &sv.xa[2], 2),
+            tail_of(None, 0, 0, &sv.xa[3], 3),
+        ];
+        let (xa, ldxa) = (xas.map(|v| v.0), xas.map(|v| v.1));
         let parts: Vec<Vec<linear::Part>> = GROUPS.iter().map(|ps| ps.iter().map(|&p| part(m, &self.lora, l, p, s)).collect()).collect();
         let group = |gi: usize, in_features: usize| linear::Group { parts: &parts[gi], in_features, dtype: dt };
         // Fused: dy buffers carry R more columns for g' (the linear falls back by itself
@@ -1305,9 +1338,15 @@ impl GpuTrainer {
             // SwiGLU, in place over gate|up
             kernels::swiglu_backward(dt, dact, inter, gu, ld.gu, up, ld.gu, gu, ld.gu, up, ld.gu, t, inter, st)?;
         }
-        // gate|up, post-attention norm (its output recomputed)
-        kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
-        linear::backward(&self.blas, &group(2, hd), t, n, ld.n, xa[2], ldxa[2], gu, ld.gu, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        // gate|up, post-attention norm (its output kept or recomputed)
+        let n2 = match kept {
+            Some((_, n2)) => n2,
+            None => {
+                kernels::rms_norm_forward(dt, dt, h, hd, addr(&wl.post_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
+                n
+            }
+        };
+        linear::backward(&self.blas, &group(2, hd), t, n2, ld.n, xa[2], ldxa[2], gu, ld.gu, tail, dn, hd, Dtype::F32, 0.0, ls, lsb, st)?;
         // ... and dres in 16-bit into dy16: o_proj's dy.
         kernels::rms_norm_backward_cast(Dtype::F32, dt, dt, dn, hd, h, hd, addr(&wl.post_norm, s), r2, t, hd, dres, hd, true, dy16, ld.dy16, st)?;
         // o_proj
@@ -1321,12 +1360,18 @@ impl GpuTrainer {
         attention::backward(&bwd, st)?;
         kernels::rope_backward(dt, dqkv, lq, t, nh, d, cos, sin, st)?;
         kernels::rope_backward(dt, dk, lq, t, nkv_h, d, cos, sin, st)?;
-        // q|k|v, input norm (its output recomputed)
-        kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
+        // q|k|v, input norm (its output kept or recomputed)
+        let n1 = match kept {
+            Some((n1, _)) => n1,
+            None => {
+                kernels::rms_norm_forward(dt, dt, x, hd, addr(&wl.input_norm, s), t, hd, eps, n, ld.n, rstd_tmp, st)?;
+                n
+            }
+        };
         // The first layer's input gradient would only reach the frozen embedding: layer 0
         // computes its adapters' gradients but no dx (nor the input norm's backward).
         let dx = if l > 0 { dn } else { 0 };
-        linear::backward(&self.blas, &group(0, hd), t, n, ld.n, xa[0], ldxa[0], dqkv, lq, tail, dx, hd, Dtype::F32, 0.0, ls, lsb, st)?;
+        linear::backward(&self.blas, &group(0, hd), t, n1, ld.n, xa[0], ldxa[0], dqkv, lq, tail, dx, hd, Dtype::F32, 0.0, ls, lsb, st)?;
         // ... and dres in 16-bit into dy16: the previous layer's down dy.
         if l > 0 {
             kernels::rms_norm_backward_cast(Dtype::F32, dt, dt, dn, hd, x, hd, addr(&wl.input_norm, s), r1, t, hd, dres, hd, true, dy16, ld.dy16, st)?;
@@ -1402,10 +1447,6 @@ impl GpuTrainer {
 fn head_loss() -> &'static memlinear::Loss {
     static L: std::sync::OnceLock<memlinear::Loss> = std::sync::OnceLock::new();
     L.get_or_init(|| losses::cross_entropy(&Default::default()))
-}
-
-unsafe fn memcpy_d2d(dst: u64, src: u64, bytes: usize, st: cudakit::cudarc::driver::sys::CUstream) -> Result<()> {
-    cudakit::cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, st).map_err(gpu_err("cuMemcpyDtoDAsync"))
 }
 
 fn check_batch(m: &GpuModel, b: &Batch, targets: &[i64]) -> Result<()> {

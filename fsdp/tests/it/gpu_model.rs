@@ -178,6 +178,44 @@ fn fused_and_separate_adapters_agree() {
     }
 }
 
+/// Without checkpointing the backward reads the norm outputs the forward kept (and the
+/// fused adapters' `x A^T` from their tails) or recomputes them: the same kernels on the
+/// same inputs, so the same values (cuBLAS may pick another split for `dB` when `x A^T`'s
+/// row stride differs, so only nearly the same bits); keeping them costs memory.
+#[test]
+fn kept_norm_outputs_change_no_bits() {
+    let Some(gpu) = gpu_or_skip("gpu_model_keep_norms") else { return };
+    let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
+    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":3"#));
+    let seed = nf4::testing::Rng::fresh("gpu_model_keep_norms").next_u64();
+    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
+    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
+    let mut r = Rng::new(seed ^ 7);
+    let b = batch(&mut r, c.vocab_size, 2, 45);
+    let t = b.next_token_targets();
+    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    for fused in [true, false] {
+        let run = |keep_norms: bool| {
+            let o = RuntimeOptions { fused_lora: fused, keep_norms, ..Default::default() };
+            let mut g = GpuTrainer::new(&gm, &lora, train_config(), o).unwrap();
+            g.zero_grads(&gm).unwrap();
+            let loss = g.micro_step(&gm, &b, &t, 90.0).unwrap();
+            (loss, g.lora.download_grads(gm.gpu()).unwrap(), g.memory(&gm))
+        };
+        let (l0, g0, m0) = run(false);
+        let (l1, g1, m1) = run(true);
+        assert_eq!(l1, l0, "fused {fused}: the forward must be unchanged");
+        let mut same = true;
+        for ((name, _, got), (_, _, want)) in g1.named_tensors().into_iter().zip(g0.named_tensors()) {
+            let e = rel_l2(got, want);
+            assert!(e < 1e-5, "fused {fused}: gradient {name} with the norms kept: relative L2 {e:.2e}");
+            same &= got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+        }
+        eprintln!("fused {fused}: kept norms' gradients bit-identical: {same}");
+        assert!(m1.activations > m0.activations, "fused {fused}: keeping the norms holds no more ({} vs {})", m1.activations, m0.activations);
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let Some(gpu) = gpu_or_skip("gpu_model_bad_inputs") else { return };
