@@ -24,7 +24,16 @@
 //! - the whole calls with the fused adapter (fourth table: `xa` in `x`'s tail, `g'` in
 //!   `dy`'s tail, one GEMM each way) against the separate adapter GEMMs, interleaved
 //!   (separate, fused, fused, separate) because the card's clocks drift down under a long
-//!   run of large GEMMs; the fifth table splits the fused calls into their pieces.
+//!   run of large GEMMs; the fifth table splits the fused calls into their pieces;
+//! - the one-pass backward for `g'` and `dB` (`linear::LoraPass`, sixth table): the fused
+//!   backward with `dx` and without (`dx` null: only `g'`, `dB`, `dA` remain) under
+//!   `LoraPass::Cublas` (the GEMMs) and `LoraPass::Always` (the pass), interleaved as above;
+//!   cuBLAS's `g'`, `dB` and `dA` GEMMs alone (pass ~ no-`dx` call - `dA`);
+//!   the no-`dx` call again at 132 / 264 / 528 target blocks; and a determinism check
+//!   (two no-`dx` calls from the same state: `dB` and `g'` bit for bit).
+//!   `--pass-only` runs only this table (and `--ptx DIR` writes linear.cu's sm_90 PTX there);
+//!   `--probe` times nothing and only makes two no-`dx` calls each way per group, for
+//!   `ncu`.
 
 use std::error::Error;
 
@@ -75,23 +84,34 @@ fn main() -> Result<(), Box<dyn Error>> {
     let rows: usize = arg(&args, "--rows").map_or(Ok(8192), |v| v.parse())?;
     let rank: usize = arg(&args, "--rank").map_or(Ok(16), |v| v.parse())?;
     let dropout: f64 = arg(&args, "--dropout").map_or(Ok(0.1), |v| v.parse())?;
+    let probe = args.iter().any(|a| a == "--probe");
+    let pass_only = probe || args.iter().any(|a| a == "--pass-only");
     let (warmup, reps) = (3, 20);
+    if let Some(dir) = arg(&args, "--ptx") {
+        let ptx = cudakit::kernel::compile_ptx(linear::kernel_source(), cudakit::Arch { major: 9, minor: 0 })?;
+        std::fs::write(format!("{dir}/linear_sm90.ptx"), ptx.to_bytes())?;
+    }
     let gpu = Gpu::open(0)?;
     let blas = Blas::on(&gpu, 32 << 20)?;
     let s = gpu.stream().clone();
     let st = s.cu_stream();
     let mut rng = Rng::new(7);
     println!("{} (sm_{}), rows {rows}, LoRA r {rank}, bf16; median of {reps} (us)", gpu.info().name, gpu.info().arch);
-    println!(
+    // (with --pass-only the first five tables stay empty and are not printed)
+    if !pass_only {
+        println!(
         "{:<8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "group", "dequant", "gemm fwd", "fwd", "fwd noLR", "LoRA fwd", "gemm bwd", "bwd", "bwd noLR", "LoRA bwd", "TF/s fwd", "TF/s bwd", "fwd+bwd"
-    );
+        );
+    }
     let mut results = Vec::new();
     let mut lora_rows = Vec::new();
     let mut dropout_rows = Vec::new();
     let mut fused_rows = Vec::new();
     let mut probe_rows = Vec::new();
     let mut probes = Vec::new();
+    let mut pass_rows = Vec::new();
+    let mut pass_json = Vec::new();
     for spec in &GROUPS {
         let (inf, o) = (spec.inf, spec.outs.iter().sum::<usize>());
         let r_sum = rank * spec.outs.len();
@@ -179,8 +199,12 @@ fn main() -> Result<(), Box<dyn Error>> {
         let full: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, true, false)).collect();
         let bare: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, false, false)).collect();
         let dropped: Vec<Vec<Part>> = (0..COPIES).map(|c| parts_of(c, true, true)).collect();
-        // The largest need: with dropout (the calls without use a prefix of it).
-        let sb = linear::scratch_bytes(&Group { parts: &dropped[0], in_features: inf, dtype: Dtype::Bf16 }, rows);
+        // The largest need: with dropout (the calls without use a prefix of it), or the
+        // one-pass backward's partials at the sweep's largest target.
+        linear::set_lora_pass_target_blocks(528);
+        let sb = linear::scratch_bytes(&Group { parts: &dropped[0], in_features: inf, dtype: Dtype::Bf16 }, rows)
+            .max(linear::scratch_bytes(&Group { parts: &full[0], in_features: inf, dtype: Dtype::Bf16 }, rows));
+        linear::set_lora_pass_target_blocks(0);
         let scratch = s.alloc_zeros::<u8>(sb)?;
         let (scr, yp, dxp, xap) = (ptr(&gpu, &scratch), ptr(&gpu, &y), ptr(&gpu, &dx), ptr(&gpu, &xa));
         let (y_dt, beta) = if spec.y_f32 { (Dtype::F32, 1.0) } else { (Dtype::Bf16, 0.0) };
@@ -190,7 +214,9 @@ fn main() -> Result<(), Box<dyn Error>> {
             let mut v = time_us(&s, warmup, reps, f)?;
             Ok(median(&mut v))
         };
-        let dequant = t(&mut |i| {
+        // --probe: the first three timings are not wanted either (fewer kernels to profile).
+        let t0 = |f: &mut dyn FnMut(usize) -> Result<(), cudakit::GpuError>| if probe { Ok(0.0) } else { t(f) };
+        let dequant = t0(&mut |i| {
             let c = i % COPIES;
             let mut row = 0u64;
             for q in &qs[c] {
@@ -201,11 +227,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             Ok(())
         })?;
         let ydt = if spec.y_f32 { DataType::F32 } else { DataType::Bf16 };
-        let gemm_fwd = t(&mut |i| unsafe {
+        let gemm_fwd = t0(&mut |i| unsafe {
             let x = ptr(gpu, &xs[i % COPIES]);
             blas.gemm("bench y = x W^T", Op::T, Op::N, o, rows, inf, 1.0, Mat::new(scr, DataType::Bf16, inf), Mat::new(x, DataType::Bf16, inf), beta, Mat::new(yp, ydt, o))
         })?;
-        let gemm_bwd = t(&mut |i| unsafe {
+        let gemm_bwd = t0(&mut |i| unsafe {
             let dy = ptr(gpu, &dys[i % COPIES]);
             blas.gemm("bench dx = dy W", Op::N, Op::N, inf, rows, o, 1.0, Mat::new(scr, DataType::Bf16, inf), Mat::new(dy, DataType::Bf16, o), 0.0, Mat::new(dxp, DataType::F32, inf))
         })?;
@@ -234,6 +260,98 @@ fn main() -> Result<(), Box<dyn Error>> {
             let x = ptr(gpu, &xws[c]);
             linear::backward(blas, &g, rows, x, ldxw, x + 2 * inf as u64, ldxw, ptr(gpu, &dyws[c]), lddyw, true, dxp, inf, Dtype::F32, 0.0, scr, sb, st)
         };
+        // ---- the one-pass backward (sixth table) ----
+        let bwd_nodx_call = |i: usize| unsafe {
+            let c = i % COPIES;
+            let g = Group { parts: &full[c], in_features: inf, dtype: Dtype::Bf16 };
+            let x = ptr(gpu, &xws[c]);
+            linear::backward(blas, &g, rows, x, ldxw, x + 2 * inf as u64, ldxw, ptr(gpu, &dyws[c]), lddyw, true, 0, inf, Dtype::F32, 0.0, scr, sb, st)
+        };
+        let with = |mode: linear::LoraPass, f: &dyn Fn(usize) -> Result<(), cudakit::GpuError>| -> Result<f64, cudakit::GpuError> {
+            linear::set_lora_pass(mode);
+            let v = t(&mut |i| f(i));
+            linear::set_lora_pass(linear::LoraPass::Auto);
+            v
+        };
+        use linear::LoraPass::{Always, Cublas};
+        if probe {
+            // For a profiler (ncu): two no-dx calls each way, nothing timed.
+            for mode in [Always, Always, Cublas, Cublas] {
+                linear::set_lora_pass(mode);
+                bwd_nodx_call(0)?;
+            }
+            linear::set_lora_pass(linear::LoraPass::Auto);
+            s.synchronize()?;
+            continue;
+        }
+        // What the pass replaces, as the fused backward issues it: the g' GEMMs (into dy's
+        // tail), the dB GEMMs (xa in x's tail); and the dA GEMM, which stays.
+        let bf = DataType::Bf16;
+        let (bp0, dap0, dbp0) = (ptr(gpu, &b), ptr(gpu, &da), ptr(gpu, &db));
+        let blas_g = t(&mut |i| {
+            let dy = ptr(gpu, &dyws[i % COPIES]);
+            let mut col = 0;
+            for (p, &out) in spec.outs.iter().enumerate() {
+                let dst = dy + ((o + p * rank) * 2) as u64;
+                unsafe { blas.gemm("g", Op::N, Op::N, rank, rows, out, 2.0, Mat::new(bp0 + (col * rank * 2) as u64, bf, rank), Mat::new(dy + (col * 2) as u64, bf, lddyw), 0.0, Mat::new(dst, bf, lddyw)) }?;
+                col += out;
+            }
+            Ok(())
+        })?;
+        let blas_db = t(&mut |i| {
+            let (dy, x) = (ptr(gpu, &dyws[i % COPIES]), ptr(gpu, &xws[i % COPIES]));
+            let mut col = 0;
+            for (p, &out) in spec.outs.iter().enumerate() {
+                let xa = x + ((inf + p * rank) * 2) as u64;
+                unsafe { blas.gemm("dB", Op::N, Op::T, rank, out, rows, 2.0, Mat::new(xa, bf, ldxw), Mat::new(dy + (col * 2) as u64, bf, lddyw), 1.0, Mat::new(dbp0 + (col * rank * 4) as u64, DataType::F32, rank)) }?;
+                col += out;
+            }
+            Ok(())
+        })?;
+        let blas_da = t(&mut |i| unsafe {
+            let (dy, x) = (ptr(gpu, &dyws[i % COPIES]), ptr(gpu, &xws[i % COPIES]));
+            blas.gemm("dA", Op::N, Op::T, inf, r_sum, rows, 1.0, Mat::new(x, bf, ldxw), Mat::new(dy + (o * 2) as u64, bf, lddyw), 1.0, Mat::new(dap0, DataType::F32, inf))
+        })?;
+        let (b1, a1) = (with(Cublas, &bwd_fused_call)?, with(Always, &bwd_fused_call)?);
+        let (a2, b2) = (with(Always, &bwd_fused_call)?, with(Cublas, &bwd_fused_call)?);
+        let (bwd_cublas, bwd_pass) = ((b1 + b2) / 2.0, (a1 + a2) / 2.0);
+        let (n1, p1) = (with(Cublas, &bwd_nodx_call)?, with(Always, &bwd_nodx_call)?);
+        let (p2, n2) = (with(Always, &bwd_nodx_call)?, with(Cublas, &bwd_nodx_call)?);
+        let (nodx_cublas, nodx_pass) = ((n1 + n2) / 2.0, (p1 + p2) / 2.0);
+        let mut sweep = Vec::new();
+        for target in [132usize, 264, 528] {
+            linear::set_lora_pass_target_blocks(target);
+            sweep.push((target, with(Always, &bwd_nodx_call)?));
+        }
+        linear::set_lora_pass_target_blocks(0);
+        // Determinism at full size: the same call twice from the same dB (zeros), same dy.
+        let db_bytes = o * rank * 4;
+        let mut runs = Vec::new();
+        linear::set_lora_pass(Always);
+        for _ in 0..2 {
+            unsafe { cudarc::driver::sys::cuMemsetD8Async(ptr(gpu, &db), 0, db_bytes, st) }.result()?;
+            bwd_nodx_call(0)?;
+            s.synchronize()?;
+            runs.push((s.clone_dtoh(&db)?, s.clone_dtoh(&dyws[0])?));
+        }
+        linear::set_lora_pass(linear::LoraPass::Auto);
+        let same = runs[0].0.iter().zip(&runs[1].0).all(|(a, b)| a.to_bits() == b.to_bits()) && runs[0].1.iter().zip(&runs[1].1).all(|(a, b)| a.to_bits() == b.to_bits());
+        let finite = runs[0].0.iter().all(|v| v.is_finite());
+        drop(runs);
+        pass_rows.push(format!(
+            "{:<8} {:>9.1} {:>9.1} {:>9.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {}",
+            spec.name, bwd_cublas, bwd_pass, bwd_cublas / bwd_pass, nodx_cublas, nodx_pass, nodx_cublas - nodx_pass, blas_g, blas_db, blas_da, nodx_pass - blas_da, sweep[0].1, sweep[1].1, sweep[2].1,
+            if same && finite { "yes" } else if same { "yes (non-finite dB!)" } else { "NO" }
+        ));
+        pass_json.push(serde_json::json!({ "group": spec.name, "in": inf, "outs": spec.outs, "rows": rows, "rank": rank,
+            "bwd_fused_cublas_us": bwd_cublas, "bwd_fused_pass_us": bwd_pass,
+            "bwd_no_dx_cublas_us": nodx_cublas, "bwd_no_dx_pass_us": nodx_pass, "saved_us": nodx_cublas - nodx_pass,
+            "cublas_g_gemms_us": blas_g, "cublas_db_gemms_us": blas_db, "cublas_da_gemm_us": blas_da, "pass_estimate_us": nodx_pass - blas_da,
+            "no_dx_pass_by_target_blocks_us": sweep.iter().map(|(t, v)| serde_json::json!({ "target": t, "us": v })).collect::<Vec<_>>(),
+            "deterministic": same, "db_finite": finite }));
+        if pass_only {
+            continue;
+        }
         let fwd = t(&mut |i| fwd_call(&full, i))?;
         let fwd_bare = t(&mut |i| fwd_call(&bare, i))?;
         let bwd = t(&mut |i| bwd_call(&full, i))?;
@@ -359,27 +477,37 @@ fn main() -> Result<(), Box<dyn Error>> {
             "base_flops_per_direction": flops,
         }));
     }
-    println!("LoRA GEMMs alone (us): fwd xa = x A^T, fwd y += s xa B^T (all parts); bwd g = s dy B (all parts), dx += g A, dB (all parts), dA");
-    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "xa", "up", "g", "dx+=gA", "dB", "dA");
-    for r in &lora_rows {
+    if !pass_only {
+        println!("LoRA GEMMs alone (us): fwd xa = x A^T, fwd y += s xa B^T (all parts); bwd g = s dy B (all parts), dx += g A, dB (all parts), dA");
+        println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "xa", "up", "g", "dx+=gA", "dB", "dA");
+        for r in &lora_rows {
+            println!("{r}");
+        }
+        println!("LoRA dropout {dropout} on every part (us): the whole calls with and without it");
+        println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "fwd", "fwd drop", "extra", "bwd", "bwd drop", "extra");
+        for r in &dropout_rows {
+            println!("{r}");
+        }
+        println!("Fused adapter (us): separate adapter GEMMs vs. K-concatenated into the base GEMM; LoRA = fused - no-LoRA");
+        println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "fwd sep", "fwd fused", "speedup", "bwd sep", "bwd fused", "speedup", "LoRA fwd", "LoRA bwd");
+        for r in &fused_rows {
+            println!("{r}");
+        }
+        println!("Fused pieces (us): dequant dense / strided (ld in+R); base GEMM fwd: K=in dense, K=in wide ld, K=in+R, K=in+R64; bwd likewise with O");
+        println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "dq", "dq rows", "fwd K", "fwd ld", "fwd K+R", "fwd K+64", "bwd K", "bwd ld", "bwd K+R", "bwd K+64");
+        for r in &probe_rows {
+            println!("{r}");
+        }
+    }
+    println!("One-pass g'/dB (us; fused layout): bwd with dx, cuBLAS vs pass; bwd without dx (g', dB, dA only) likewise; cuBLAS's g' GEMMs, dB GEMMs, dA GEMM alone; pass ~ nodx pass - dA; the no-dx call at 132/264/528 target blocks; bit-identical reruns");
+    println!(
+        "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   deterministic",
+        "group", "bwd blas", "bwd pass", "speedup", "nodx blas", "nodx pass", "saved", "blas g", "blas dB", "blas dA", "pass", "t132", "t264", "t528"
+    );
+    for r in &pass_rows {
         println!("{r}");
     }
-    println!("LoRA dropout {dropout} on every part (us): the whole calls with and without it");
-    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "fwd", "fwd drop", "extra", "bwd", "bwd drop", "extra");
-    for r in &dropout_rows {
-        println!("{r}");
-    }
-    println!("Fused adapter (us): separate adapter GEMMs vs. K-concatenated into the base GEMM; LoRA = fused - no-LoRA");
-    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "fwd sep", "fwd fused", "speedup", "bwd sep", "bwd fused", "speedup", "LoRA fwd", "LoRA bwd");
-    for r in &fused_rows {
-        println!("{r}");
-    }
-    println!("Fused pieces (us): dequant dense / strided (ld in+R); base GEMM fwd: K=in dense, K=in wide ld, K=in+R, K=in+R64; bwd likewise with O");
-    println!("{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "group", "dq", "dq rows", "fwd K", "fwd ld", "fwd K+R", "fwd K+64", "bwd K", "bwd ld", "bwd K+R", "bwd K+64");
-    for r in &probe_rows {
-        println!("{r}");
-    }
-    let v = serde_json::json!({ "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "results": results, "fused_probes": probes });
+    let v = serde_json::json!({ "device": gpu.info().name, "arch": gpu.info().arch.to_string(), "results": results, "fused_probes": probes, "lora_pass": pass_json });
     if let Some(p) = arg(&args, "--json") {
         std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
         println!("wrote {p}");

@@ -12,6 +12,13 @@
 //! f32 operations on the CPU, groups with dropout (independent masks per part, mixed with parts
 //! without) against the CPU op with the same masks, `forward_adapter_input` against
 //! `forward`'s `xa`, and `p = 0` bit-identical to no dropout.
+//!
+//! The one-pass backward for `g'` and `dB` (`linear::LoraPass`): every supported rank,
+//! both dtypes, rows 1 / 37 / 300, odd and multi-span part widths, the aligned (cp.async)
+//! and the element-load paths, one and several row chunks, against the CPU; two runs give
+//! the same bits; the tensor-core and the portable kernel against cuBLAS's GEMMs (modes
+//! `Always` and `Portable`). The other tests run with the default (`Auto`: the pass on
+//! groups of several adapted parts or a `dy` larger than L2).
 
 use cudakit::blas::Blas;
 use cudakit::testing::{gpu_or_skip, poison};
@@ -920,6 +927,96 @@ fn bad_arguments_are_errors_naming_the_culprit() {
     let e = msg(unsafe { linear::forward(&blas, &g, rows, p, inf, yp, out, Dtype::Bf16, 0.0, xap, 4, sp, sb, other.cu_stream()) });
     assert!(e.contains("stream"), "{e}");
     s.synchronize().unwrap();
+}
+
+/// Restores this thread's pass settings when dropped (a failing case must not leak them).
+struct PassSettings;
+impl PassSettings {
+    fn set(mode: linear::LoraPass, target: usize) -> PassSettings {
+        linear::set_lora_pass(mode);
+        linear::set_lora_pass_target_blocks(target);
+        PassSettings
+    }
+}
+impl Drop for PassSettings {
+    fn drop(&mut self) {
+        linear::set_lora_pass(linear::LoraPass::Auto);
+        linear::set_lora_pass_target_blocks(0);
+    }
+}
+
+/// The one-pass `g'`/`dB` kernels (tensor-core and portable) against the CPU for every
+/// supported rank, both dtypes, odd rows, odd and multi-span widths, aligned (fused
+/// layout, widths multiples of 8: cp.async) and not (odd widths, padded strides: element
+/// loads), one and several row chunks and several 64-row steps per chunk; deterministic
+/// (two runs, same bits); close to cuBLAS's GEMMs and not the same code (bits differ).
+#[test]
+fn lora_pass_matches_the_cpu_and_is_deterministic() {
+    use linear::LoraPass::{Always, Cublas, Portable};
+    let Some((gpu, blas, rng)) = setup("lora_pass_matches_the_cpu_and_is_deterministic") else { return };
+    let mut rng = rng;
+    // LORA_PASS_TESTS_SHORT=1 (for compute-sanitizer): fewer sizes, the same code paths.
+    let short = std::env::var("LORA_PASS_TESTS_SHORT").is_ok_and(|v| v == "1");
+    let (row_set, rank_set): (&[usize], &[usize]) = if short { (&[37], &[8, 64]) } else { (&[1, 37, 300], &[8, 16, 32, 64]) };
+    for mode in [Always, Portable] {
+        for dt in [Dtype::Bf16, Dtype::F16] {
+            for &rows in row_set {
+                for &r in rank_set {
+                    // Aligned: q|k|v-like with a wide first part (several spans, a tail
+                    // span), fused tails, 16-bit dx accumulated. Target 4 blocks: chunks
+                    // of several 64-row steps; default target: 64-row chunks.
+                    let targets: &[usize] = if rows > 64 { &[4, 0] } else { &[0] };
+                    for &target in targets {
+                        let _s = PassSettings::set(mode, target);
+                        let mut c = Case::new(dt, rows, 32, &[1048, 40, 136]);
+                        c.ranks = vec![Some(r), None, Some(r)];
+                        c.fused = true;
+                        c.dx16 = true;
+                        c.dx_beta = 1.0;
+                        let seed = rng.clone();
+                        let a = run_case(&gpu, &blas, &mut seed.clone(), &c);
+                        let b = run_case(&gpu, &blas, &mut seed.clone(), &c);
+                        assert!(a == b, "{mode:?} {c:?}: two runs differ");
+                        rng.next_u64();
+                    }
+                    // Not aligned: odd widths and strides, dense xa, two adapted parts of
+                    // different widths, f32 dx overwritten.
+                    let _s = PassSettings::set(mode, 0);
+                    let mut c = Case::new(dt, rows, 72, &[45, 131, 67]);
+                    c.ranks = vec![Some(r), Some(r), None];
+                    c.pad = 3;
+                    c.contiguous = false;
+                    run_case(&gpu, &blas, &mut rng, &c);
+                }
+                // Mixed ranks in one group (one launch per rank, one reduce) and a part
+                // of an unsupported rank (the whole group on cuBLAS).
+                let _s = PassSettings::set(mode, 0);
+                let mut c = Case::new(dt, rows, 64, &[256, 64, 64, 128]);
+                c.ranks = vec![Some(16), Some(8), Some(64), Some(32)];
+                c.fused = true;
+                run_case(&gpu, &blas, &mut rng, &c);
+                c.ranks = vec![Some(16), Some(4), None, Some(8)];
+                run_case(&gpu, &blas, &mut rng, &c);
+            }
+        }
+    }
+    // The pass (either kernel) and cuBLAS on the same data: close, and not bit-identical
+    // (dB sums 300 rows in another order): the pass did run.
+    let mut c = Case::new(Dtype::Bf16, 300, 64, &[520, 136]);
+    c.ranks = vec![Some(16), Some(16)];
+    c.fused = true;
+    let run = |mode| {
+        let _s = PassSettings::set(mode, 0);
+        run_case(&gpu, &blas, &mut rng.clone(), &c)
+    };
+    let (blas_out, pass, portable) = (run(Cublas), run(Always), run(Portable));
+    let f = |v: &[u32]| v.iter().map(|&b| f32::from_bits(b)).collect::<Vec<f32>>();
+    for (name, o) in [("tensor-core pass", &pass), ("portable pass", &portable)] {
+        assert_close(&format!("{name} vs cuBLAS: dB"), &f(&o.db), &f(&blas_out.db), 1e-5);
+        assert_close(&format!("{name} vs cuBLAS: dA"), &f(&o.da), &f(&blas_out.da), 1e-2);
+        assert_close(&format!("{name} vs cuBLAS: dx"), &f(&o.dx), &f(&blas_out.dx), 1e-2);
+        assert_ne!(o.db, blas_out.db, "{name}: dB bit-identical to cuBLAS's (did the pass run?)");
+    }
 }
 
 #[test]

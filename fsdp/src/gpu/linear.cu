@@ -207,3 +207,392 @@ DROPOUT_LORA_DX(dropout_lora_dx_f16, u16, f16_to_f, f16_to_f, f_to_f16)
 
 LORA_BD(lora_bd_bf16, bf16_to_f, f_to_bf16)
 LORA_BD(lora_bd_f16, f16_to_f, f_to_f16)
+
+// ---- One pass over dy for the LoRA backward's g' and dB (linear.rs, "GEMMs") ----
+//
+// Per adapted part p (rank R, dy_p = dy's columns col_p .., xa_p = xa's columns rc_p ..):
+//   g'_p [rows, R]   = s_p dy_p B_p          (compute dtype, rounded once)
+//   dB_p [out_p, R] += s_p dy_p^T xa_p       (f32)
+// Both read dy_p: here it is read once. Two launches, deterministic (no atomics, every
+// sum in a fixed order):
+//
+// 1. lora_pass_*: one block per (part, column span of CS = 128 * NCT columns, row chunk
+//    of `chunk_rows` rows). It walks its chunk in steps of 64 rows x 128 columns (dy
+//    tiles staged through shared memory, 3 or 4 deep with cp.async), with the span's
+//    B rows [CS, R] resident, and per step:
+//      - g' partial of the 64 rows += dy_tile B_tile   (mma m16n8k16, A from ldmatrix,
+//        B from ldmatrix.trans), in registers across the span's column tiles, then
+//        written (f32) to gpart[span][row][R];
+//      - dB partial of the tile's 128 columns += dy_tile^T xa_tile (A from
+//        ldmatrix.trans of the same dy tile, B from ldmatrix.trans of xa), in registers
+//        across the whole chunk, written (f32) to dbpart[chunk][col][R] at the end.
+//    Out-of-range rows and columns are zero-filled (never read), so the poison a caller
+//    keeps beyond its matrices cannot leak into a sum.
+// 2. lora_pass_reduce_*: g' = round(s * sum over spans), dB += s * sum over chunks, in
+//    ascending order (separate multiply and add).
+//
+// Bytes per part: dy_p once (2 rows out_p), xa_p once per span, B once per chunk, plus
+// the partials written and read back: 4 R (rows * nspan + out_p * nchunk) each way. FLOPs
+// 4 rows out_p R (tensor cores). sm_80+: mma.sync bf16/f16 + cp.async; older
+// architectures (and the `Portable` switch) use lora_pass_scalar_*, same blocks and
+// partials, plain f32 FMA loops (reads dy twice; a correctness fallback, not fast).
+#define LP_BM 64
+#define LP_BN 128
+#define LP_LDS (LP_BN + 8)
+#define LP_MAX_PARTS 4
+#define LP_THREADS 256
+
+struct LoraPassParts {
+    const u16* dy[LP_MAX_PARTS];   // &dy[0, col_p], row stride lddy
+    const u16* b[LP_MAX_PARTS];    // B_p [out_p, R]
+    const u16* xa[LP_MAX_PARTS];   // &xa[0, rc_p], row stride ldxa
+    float* gpart[LP_MAX_PARTS];    // [nspan_p][rows][R]
+    float* dbpart[LP_MAX_PARTS];   // [nchunk][out_p][R]
+    int out[LP_MAX_PARTS];
+    int first_block[LP_MAX_PARTS + 1];
+    int n;
+};
+
+typedef unsigned int u32;
+struct LpBf16 {};
+struct LpF16 {};
+
+__device__ __forceinline__ int lp_part(const LoraPassParts& P, int blk) {
+    int p = 0;
+    while (p + 1 < P.n && blk >= P.first_block[p + 1]) ++p;
+    return p;
+}
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ u32 lp_smem(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void lp_cp16(u16* dst, const u16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(lp_smem(dst)), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void lp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void lp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void lp_ldsm4(u32 (&r)[4], const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(lp_smem(p)));
+}
+__device__ __forceinline__ void lp_ldsm4t(u32 (&r)[4], const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(lp_smem(p)));
+}
+__device__ __forceinline__ void lp_ldsm2t(u32& r0, u32& r1, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(lp_smem(p)));
+}
+template <class T> __device__ __forceinline__ void lp_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1);
+template <> __device__ __forceinline__ void lp_mma<LpBf16>(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void lp_mma<LpF16>(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// Column tiles per span: the dB accumulators of a span stay in registers (NCT * R/8 * 4
+// floats per thread: 32 at R = 16, 32, 64).
+template <int R> struct LpShape {
+    static constexpr int NCT = R <= 16 ? 4 : (R <= 32 ? 2 : 1);
+    static constexpr int CS = LP_BN * NCT;
+    static constexpr int LDR = R + 8;  // shared row stride of B and xa (conflict-free ldmatrix for R >= 16)
+    static constexpr int STAGE = LP_BM * LP_LDS + LP_BM * LDR;  // elements per pipeline stage
+    // cp.async depth: 4 (3 tiles in flight) where two blocks still fit an SM's shared
+    // memory (R <= 32: <= 110 KB a block), else 3.
+    static constexpr int STAGES = R <= 32 ? 4 : 3;
+};
+
+// `aligned`: every dy/xa/B address and stride is a multiple of 16 bytes and every out_p a
+// multiple of 8 (cp.async in 16-byte pieces); otherwise 2-byte loads through registers.
+template <class T, int R>
+__device__ __forceinline__ void lora_pass_mma(const LoraPassParts& P, long long lddy, long long ldxa, int rows, int chunk_rows,
+                                              int nchunk, int aligned) {
+#if __CUDA_ARCH__ >= 800
+    typedef LpShape<R> S;
+    constexpr int NCT = S::NCT, CS = S::CS, LDR = S::LDR, STAGE = S::STAGE, LP_STAGES = S::STAGES;
+    constexpr int GN = R >= 16 ? R / 16 : 1;  // g' n8 tiles per warp
+    extern __shared__ __align__(16) u16 lp_sm[];
+    u16* bs = lp_sm;              // [CS][LDR]
+    u16* stages = lp_sm + CS * LDR;
+
+    const int p = lp_part(P, blockIdx.x);
+    const int local = blockIdx.x - P.first_block[p];
+    const int span = local / nchunk, chunk = local - span * nchunk;
+    const int out = P.out[p];
+    const int col0 = span * CS, ncols = min(CS, out - col0);
+    const int row0 = chunk * chunk_rows, nrows = min(chunk_rows, rows - row0);
+    const int nct = (ncols + LP_BN - 1) / LP_BN;  // column tiles of this span that exist
+    const int nsub = (nrows + LP_BM - 1) / LP_BM;
+    const int nsteps = nsub * nct;
+    const u16* dy = P.dy[p];
+    const u16* xa = P.xa[p];
+    const u16* bsrc = P.b[p];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+    // B rows of the span (zeros past the part's last column).
+    if (aligned) {
+        for (int i = tid; i < CS * (R / 8); i += LP_THREADS) {
+            int j = i / (R / 8), c = (i - j * (R / 8)) * 8;
+            bool v = j < ncols;
+            lp_cp16(bs + j * LDR + c, v ? bsrc + (long long)(col0 + j) * R + c : bsrc, v);
+        }
+    } else {
+        for (int i = tid; i < CS * R; i += LP_THREADS) {
+            int j = i / R, c = i - j * R;
+            bs[j * LDR + c] = j < ncols ? bsrc[(long long)(col0 + j) * R + c] : (u16)0;
+        }
+    }
+    auto load = [&](int s) {
+        const int rs = s / nct, ct = s - rs * nct;
+        u16* d = stages + (s % LP_STAGES) * STAGE;
+        u16* x = d + LP_BM * LP_LDS;
+        const int r_lo = row0 + rs * LP_BM, c_lo = col0 + ct * LP_BN;
+        const int nr = min(LP_BM, row0 + nrows - r_lo), nc = min(LP_BN, col0 + ncols - c_lo);
+        if (aligned) {
+            for (int i = tid; i < LP_BM * (LP_BN / 8); i += LP_THREADS) {
+                int rr = i / (LP_BN / 8), cc = (i - rr * (LP_BN / 8)) * 8;
+                bool v = rr < nr && cc < nc;
+                lp_cp16(d + rr * LP_LDS + cc, v ? dy + (long long)(r_lo + rr) * lddy + c_lo + cc : dy, v);
+            }
+            for (int i = tid; i < LP_BM * (R / 8); i += LP_THREADS) {
+                int rr = i / (R / 8), cc = (i - rr * (R / 8)) * 8;
+                bool v = rr < nr;
+                lp_cp16(x + rr * LDR + cc, v ? xa + (long long)(r_lo + rr) * ldxa + cc : xa, v);
+            }
+        } else {
+            for (int i = tid; i < LP_BM * LP_BN; i += LP_THREADS) {
+                int rr = i / LP_BN, cc = i - rr * LP_BN;
+                d[rr * LP_LDS + cc] = (rr < nr && cc < nc) ? dy[(long long)(r_lo + rr) * lddy + c_lo + cc] : (u16)0;
+            }
+            for (int i = tid; i < LP_BM * R; i += LP_THREADS) {
+                int rr = i / R, cc = i - rr * R;
+                x[rr * LDR + cc] = rr < nr ? xa[(long long)(r_lo + rr) * ldxa + cc] : (u16)0;
+            }
+        }
+    };
+    // Prologue: B joins the first step's group.
+#pragma unroll
+    for (int s = 0; s < LP_STAGES - 1; ++s) {
+        if (s < nsteps) load(s);
+        lp_commit();
+    }
+
+    float gacc[GN][4];
+    float dbacc[NCT][R / 8][4];
+#pragma unroll
+    for (int i = 0; i < GN; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) gacc[i][q] = 0.f;
+#pragma unroll
+    for (int c = 0; c < NCT; ++c)
+#pragma unroll
+        for (int j = 0; j < R / 8; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) dbacc[c][j][q] = 0.f;
+
+    const int mt = warp & 3, nh = warp >> 2;  // g': rows mt*16.., n8 tiles nh, nh + 2, ...
+    int s = 0;
+    for (int rs = 0; rs < nsub; ++rs) {
+#pragma unroll
+        for (int ct = 0; ct < NCT; ++ct) {
+            if (ct < nct) {
+                lp_wait<LP_STAGES - 2>();
+                __syncthreads();  // step s landed for everyone; step s-1's buffer is free
+                if (s + LP_STAGES - 1 < nsteps) load(s + LP_STAGES - 1);
+                lp_commit();
+                const u16* d = stages + (s % LP_STAGES) * STAGE;
+                const u16* x = d + LP_BM * LP_LDS;
+                // g' rows mt*16.. += dy[rows, 128 cols] B[128 cols, R]
+#pragma unroll
+                for (int kk = 0; kk < LP_BN / 16; ++kk) {
+                    u32 a[4];
+                    lp_ldsm4(a, d + (mt * 16 + (lane & 15)) * LP_LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                    for (int i = 0; i < GN; ++i) {
+                        const int jn = nh + 2 * i;
+                        if (jn < R / 8) {
+                            u32 b0, b1;
+                            lp_ldsm2t(b0, b1, bs + (ct * LP_BN + kk * 16 + (lane & 15)) * LDR + jn * 8);
+                            lp_mma<T>(gacc[i], a, b0, b1);
+                        }
+                    }
+                }
+                // dB columns warp*16.. += dy^T[16 cols, 64 rows] xa[64 rows, R]
+#pragma unroll
+                for (int kk = 0; kk < LP_BM / 16; ++kk) {
+                    u32 a[4];
+                    const int q = lane >> 3;
+                    lp_ldsm4t(a, d + (kk * 16 + (lane & 7) + (q >> 1) * 8) * LP_LDS + warp * 16 + (q & 1) * 8);
+#pragma unroll
+                    for (int jn = 0; jn < R / 8; ++jn) {
+                        u32 b0, b1;
+                        lp_ldsm2t(b0, b1, x + (kk * 16 + (lane & 15)) * LDR + jn * 8);
+                        lp_mma<T>(dbacc[ct][jn], a, b0, b1);
+                    }
+                }
+                ++s;
+            }
+        }
+        // The 64 rows' g' partial over this span.
+        const int rbase = row0 + rs * LP_BM + mt * 16 + (lane >> 2);
+#pragma unroll
+        for (int i = 0; i < GN; ++i) {
+            const int jn = nh + 2 * i;
+            if (jn < R / 8) {
+                const int n = jn * 8 + 2 * (lane & 3);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = rbase + h * 8;
+                    if (row < row0 + nrows) {
+                        float2 v = make_float2(gacc[i][2 * h], gacc[i][2 * h + 1]);
+                        *(float2*)(P.gpart[p] + ((long long)span * rows + row) * R + n) = v;
+                    }
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) gacc[i][q] = 0.f;
+        }
+    }
+    lp_wait<0>();
+    // The chunk's dB partial of the span's columns.
+#pragma unroll
+    for (int ct = 0; ct < NCT; ++ct) {
+        if (ct < nct) {
+#pragma unroll
+            for (int jn = 0; jn < R / 8; ++jn) {
+                const int n = jn * 8 + 2 * (lane & 3);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int c = ct * LP_BN + warp * 16 + (lane >> 2) + h * 8;
+                    if (c < ncols) {
+                        float2 v = make_float2(dbacc[ct][jn][2 * h], dbacc[ct][jn][2 * h + 1]);
+                        *(float2*)(P.dbpart[p] + ((long long)chunk * out + col0 + c) * R + n) = v;
+                    }
+                }
+            }
+        }
+    }
+#else
+    __trap();  // the host launches lora_pass_scalar_* below sm_80
+#endif
+}
+
+#define LORA_PASS_MMA(NAME, T, R)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(LP_THREADS, 2)                                                    \
+        NAME(LoraPassParts P, long long lddy, long long ldxa, int rows, int chunk_rows, int nchunk, int aligned) { \
+        lora_pass_mma<T, R>(P, lddy, ldxa, rows, chunk_rows, nchunk, aligned);                                     \
+    }
+LORA_PASS_MMA(lora_pass_bf16_r8, LpBf16, 8)
+LORA_PASS_MMA(lora_pass_bf16_r16, LpBf16, 16)
+LORA_PASS_MMA(lora_pass_bf16_r32, LpBf16, 32)
+LORA_PASS_MMA(lora_pass_bf16_r64, LpBf16, 64)
+LORA_PASS_MMA(lora_pass_f16_r8, LpF16, 8)
+LORA_PASS_MMA(lora_pass_f16_r16, LpF16, 16)
+LORA_PASS_MMA(lora_pass_f16_r32, LpF16, 32)
+LORA_PASS_MMA(lora_pass_f16_r64, LpF16, 64)
+
+// The portable pass: the same blocks and partials as lora_pass_mma (span width `cs`, rank
+// `r` at run time), plain f32 FMA loops over global memory, k ascending.
+#define LORA_PASS_SCALAR(NAME, TO_F)                                                                              \
+    extern "C" __global__ void NAME(LoraPassParts P, long long lddy, long long ldxa, int rows, int chunk_rows,    \
+                                    int nchunk, int r, int cs) {                                                   \
+        const int p = lp_part(P, blockIdx.x);                                                                      \
+        const int local = blockIdx.x - P.first_block[p];                                                           \
+        const int span = local / nchunk, chunk = local - span * nchunk;                                            \
+        const int out = P.out[p];                                                                                  \
+        const int col0 = span * cs, ncols = min(cs, out - col0);                                                   \
+        const int row0 = chunk * chunk_rows, nrows = min(chunk_rows, rows - row0);                                 \
+        const u16* dy = P.dy[p] + col0;                                                                            \
+        const u16* b = P.b[p] + (long long)col0 * r;                                                               \
+        for (int i = threadIdx.x; i < nrows * r; i += blockDim.x) {                                                \
+            const int t = i / r, k = i - t * r;                                                                    \
+            const u16* d = dy + (long long)(row0 + t) * lddy;                                                      \
+            float acc = 0.f;                                                                                       \
+            for (int j = 0; j < ncols; ++j) acc = __fmaf_rn(TO_F(d[j]), TO_F(b[(long long)j * r + k]), acc);       \
+            P.gpart[p][((long long)span * rows + row0 + t) * r + k] = acc;                                         \
+        }                                                                                                          \
+        for (int i = threadIdx.x; i < ncols * r; i += blockDim.x) {                                                \
+            const int j = i / r, k = i - j * r;                                                                    \
+            float acc = 0.f;                                                                                       \
+            for (int t = row0; t < row0 + nrows; ++t)                                                              \
+                acc = __fmaf_rn(TO_F(dy[(long long)t * lddy + j]), TO_F(P.xa[p][(long long)t * ldxa + k]), acc);   \
+            P.dbpart[p][((long long)chunk * out + col0 + j) * r + k] = acc;                                        \
+        }                                                                                                          \
+    }
+LORA_PASS_SCALAR(lora_pass_scalar_bf16, bf16_to_f)
+LORA_PASS_SCALAR(lora_pass_scalar_f16, f16_to_f)
+
+// The fixed-order reduce of both partials, all parts of the group in one launch:
+//   blocks [0, gblocks):  one thread per g' element (index i < gfirst[n]):
+//                         g'[t, goff_p + k] = round(scale_p * sum_{span} gpart_p[span][t][k])
+//   blocks [gblocks, ..): 32 dB elements (flat index over the parts) per block, its 8 warps
+//                         summing chunks w, w + 8, w + 16, ... each, then warp 0 adding the
+//                         8 sums in warp order: dB_p[j, k] = dB_p[j, k] + scale_p * total
+// Sums from 0 in that fixed order (multiply and add separate): deterministic. The dB side
+// has few elements (out_p * R) and many chunks: spreading the chunks over 8 warps keeps
+// 8x more loads in flight than a loop per element.
+#define LPR_GROUPS 8
+struct LoraReduceParts {
+    const float* gpart[LP_MAX_PARTS];
+    const float* dbpart[LP_MAX_PARTS];
+    float* db[LP_MAX_PARTS];
+    long long gfirst[LP_MAX_PARTS + 1];  // prefix of rows * r_p
+    long long dfirst[LP_MAX_PARTS + 1];  // prefix of out_p * r_p
+    int r[LP_MAX_PARTS];
+    int goff[LP_MAX_PARTS];
+    int nspan[LP_MAX_PARTS];
+    float scale[LP_MAX_PARTS];
+    int n;
+};
+
+#define LORA_PASS_REDUCE(NAME, FROM_F)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) NAME(LoraReduceParts P, u16* g, long long ldg, long long rows, \
+                                                          int nchunk, long long gblocks) {                         \
+        __shared__ float sums[LPR_GROUPS][32];                                                                     \
+        if (blockIdx.x < gblocks) {                                                                                \
+            const long long i = blockIdx.x * 256ll + threadIdx.x;                                                  \
+            if (i >= P.gfirst[P.n]) return;                                                                        \
+            int p = 0;                                                                                             \
+            while (p + 1 < P.n && i >= P.gfirst[p + 1]) ++p;                                                       \
+            const long long local = i - P.gfirst[p];                                                               \
+            const int r = P.r[p];                                                                                  \
+            const long long t = local / r, k = local - t * r;                                                      \
+            const float* src = P.gpart[p] + local;                                                                 \
+            const long long stride = rows * r;                                                                     \
+            float acc = 0.f;                                                                                       \
+            _Pragma("unroll 16") for (int s = 0; s < P.nspan[p]; ++s) acc = acc + src[s * stride];                 \
+            g[t * ldg + P.goff[p] + k] = FROM_F(P.scale[p] * acc);                                                 \
+            return;                                                                                                \
+        }                                                                                                          \
+        const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5;                                                 \
+        const long long j = (blockIdx.x - gblocks) * 32 + lane;                                                    \
+        const bool valid = j < P.dfirst[P.n];                                                                      \
+        int p = 0;                                                                                                 \
+        while (p + 1 < P.n && j >= P.dfirst[p + 1]) ++p;                                                           \
+        const long long local = j - P.dfirst[p];                                                                   \
+        float acc = 0.f;                                                                                           \
+        if (valid) {                                                                                               \
+            const long long stride = P.dfirst[p + 1] - P.dfirst[p];                                                \
+            const float* src = P.dbpart[p] + local;                                                                \
+            _Pragma("unroll 4") for (int c = grp; c < nchunk; c += LPR_GROUPS) acc = acc + src[c * stride];        \
+        }                                                                                                          \
+        sums[grp][lane] = acc;                                                                                     \
+        __syncthreads();                                                                                           \
+        if (grp == 0 && valid) {                                                                                   \
+            float tot = sums[0][lane];                                                                             \
+            _Pragma("unroll") for (int q = 1; q < LPR_GROUPS; ++q) tot = tot + sums[q][lane];                      \
+            float* d = P.db[p] + local;                                                                            \
+            *d = *d + P.scale[p] * tot;                                                                            \
+        }                                                                                                          \
+    }
+LORA_PASS_REDUCE(lora_pass_reduce_bf16, f_to_bf16)
+LORA_PASS_REDUCE(lora_pass_reduce_f16, f_to_f16)

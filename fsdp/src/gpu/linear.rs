@@ -29,12 +29,56 @@
 //! Then `y (+)= x W^T` (one GEMM), `xa = x A^T` (one GEMM over the stacked `A`), and per
 //! adapted part `y_p += s_p xa_p B_p^T` (one GEMM each, `beta = 1`).
 //!
-//! Backward: `g'_p = s_p dy_p B_p` (one GEMM per adapted part, into scratch `[rows, R]`,
-//! compute dtype: the scale is folded in here), `dx = dx_beta dx + dy W` (one GEMM, f32
-//! out), `dx += g' A` (one GEMM over the stacked `A`), `dB_p += s_p xa_p^T dy_p` (one GEMM
-//! per part), `dA += g'^T x` (one GEMM when the parts' `dA` are contiguous, one per part
+//! Backward: `g'_p = s_p dy_p B_p` (into scratch `[rows, R]` or `dy`'s tail, compute dtype:
+//! the scale is folded in here) and `dB_p += s_p xa_p^T dy_p` (f32), then
+//! `dx = dx_beta dx + dy W` (one GEMM, f32 out), `dx += g' A` (one GEMM over the stacked
+//! `A`), `dA += g'^T x` (one GEMM when the parts' `dA` are contiguous, one per part
 //! otherwise).
 //!
+//! **`g'` and `dB` in one pass over `dy`** ([`LoraPass`]). Both read all of `dy`
+//! (`rows x O`, the largest operand the adapter touches: `gate|up` 268 MB at 8192 rows);
+//! as cuBLAS GEMMs (one per part each, `dB` often split-K plus a reduce) `dy` is read
+//! twice. `linear.cu`'s `lora_pass_*` reads it once: a block per (part, span of 512 / 256
+//! / 128 columns at rank <= 16 / 32 / 64, chunk of rows) walks 64 x 128 tiles of `dy`
+//! (cp.async, 4 stages, 3 at rank 64) and feeds each tile to two tensor-core products
+//! (`mma.sync` m16n8k16, f32 accumulate): `dy_tile B` for the rows' `g'` and
+//! `dy_tile^T xa_tile` for the columns' `dB`, with `ldmatrix(.trans)` from the same
+//! shared tile. Each block writes f32 partials (`g'` per span, `dB` per chunk) into
+//! scratch; `lora_pass_reduce_*` then sums them in a fixed order, scales, rounds `g'` once
+//! to the compute dtype (written where the GEMMs wrote it) and adds into `dB`. No atomics:
+//! the same inputs give the same bits. The chunk count keeps the launch within
+//! [`LORA_PASS_TARGET_BLOCKS`] blocks (one wave on an H100; a tuning knob). The pass runs
+//! before the backward's dequantization so that its partials use `W`'s scratch (the
+//! region grows only where the partials are larger than `W`). Rounding differs from the
+//! GEMMs only in summation order.
+//!
+//! It applies where no part drops, every adapted part's rank is 8, 16, 32 or 64 and at
+//! most 4 parts are adapted; [`LoraPass::Auto`] (the default) then takes it on sm_80+ when
+//! it pays: two or more adapted parts, or a `dy` larger than L2 (see the measurements
+//! below); cuBLAS otherwise, and where its shared memory (up to 122 KiB a block) does not
+//! fit (sm_86 / sm_89: 99 KiB). A portable kernel with the same blocks and partials and
+//! scalar FMAs (reads `dy` twice: a correctness fallback) serves [`LoraPass::Always`]
+//! below sm_80 and [`LoraPass::Portable`] anywhere (how it is tested on an H100); on sm_75
+//! `Auto` keeps cuBLAS. [`set_lora_pass`] switches per thread (`Cublas` forces the GEMMs).
+//!
+//! Measured (H100 80GB HBM3, `bench_linear --pass-only`, rows 8192, r 16, bf16, fused
+//! layout, µs, medians; `fsdp/results/lora-pass-h100/`), `Always` against `Cublas`:
+//!
+//! | group | `g'` GEMMs + `dB` GEMMs alone | backward without `dx` (`g'`, `dB`, `dA`) | full backward |
+//! |---|---|---|---|
+//! | q\|k\|v | 34.5 + 40.6 | 93.4 -> 71.3 | 273.5 -> 246.2 |
+//! | o | 18.4 + 19.8 | 50.8 -> 59.7 | 176.0 -> 181.4 |
+//! | gate\|up | 105.9 + 105.7 | 231.6 -> 201.0 | 983.1 -> 942.5 |
+//! | down | 18.2 + 19.2 | 85.9 -> 91.5 | 519.4 -> 519.0 |
+//!
+//! ncu (same card, caches flushed between kernels): the pass kernel 42 / 34 / 144 / 34 µs
+//! reading 52 / 35 / 270 / 35 MB (1.0-1.9 TB/s, well under the card's ~3 TB/s), its
+//! reduce 10 / 8 / 19 / 8 µs. So `Auto` takes it for `q|k|v` and `gate|up` (about 68 µs a
+//! layer, ~1.1 ms of a 16-layer step) and leaves `o` and `down` to cuBLAS, whose second
+//! read of a 33.5 MB `dy` comes mostly from L2. Not yet known: why the pass kernel
+//! streams at only 1-1.9 TB/s (occupancy / shared-memory carveout, the per-step
+//! `__syncthreads`, tile shape); fixing that is what would make it pay everywhere.
+
 //! # Fused adapter (K-concatenation; opt in per call)
 //!
 //! `y = x W^T + sum_p s_p xa_p B_p^T` is one GEMM over a K-concatenated problem:
@@ -188,8 +232,10 @@
 //! rounded up to 256 bytes, plus `xd [rows, in]` when a part has dropout. The cuBLAS
 //! workspace belongs to the [`Blas`] handle.
 
+use std::cell::Cell;
+use std::collections::HashSet;
 use std::ffi::c_void;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use cudakit::blas::{Blas, DataType, Mat, Op};
 use cudakit::kernel::{function_in_current_context, launch, KernelSource};
@@ -307,7 +353,10 @@ fn layout(g: &Group, rows: usize) -> Layout {
     // The fused paths' W' = [W | Bd] [O, in + R] (forward) and W'' = [W ; A] [O + R, in]
     // (backward) take the place of W [O, in].
     let w_elems = if r > 0 { (o * (i + r)).max((o + r) * i) } else { o * i };
-    let a = w + up(w_elems * e);
+    // The one-pass backward's f32 partials live there too: it runs before the backward
+    // dequantizes `W` (see `backward_impl`).
+    let pass = pass_plan(g, rows).map_or(0, |p| p.bytes);
+    let a = w + up((w_elems * e).max(pass));
     let gg = a + up(r * i * e);
     let d = gg + up(rows * r * e);
     let total = if g.has_dropout() { d + up(rows * i * e) } else { d };
@@ -316,8 +365,10 @@ fn layout(g: &Group, rows: usize) -> Layout {
 
 /// Bytes of scratch [`forward`] and [`backward`] need for `rows` rows of group `g`: the
 /// dequantized weight `[O, in]` (with adapters, room for the fused paths' `[O, in + R]` or
-/// `[O + R, in]`), the stacked `A [R, in]` and `g' [rows, R]`, in the compute dtype, and
-/// with dropout on a part `xd [rows, in]` too, each rounded up to 256 bytes.
+/// `[O + R, in]`, and for the one-pass backward's f32 partials of `g'` and `dB` where they
+/// are larger), the stacked `A [R, in]` and `g' [rows, R]`, in the compute dtype, and
+/// with dropout on a part `xd [rows, in]` too, each rounded up to 256 bytes. Depends on
+/// this thread's [`set_lora_pass_target_blocks`]: size scratch after setting it.
 pub fn scratch_bytes(g: &Group, rows: usize) -> usize {
     layout(g, rows).total
 }
@@ -910,13 +961,23 @@ unsafe fn backward_impl(
     // Where g' [rows, R] goes: dy's tail (fused) or scratch.
     let (gbuf, ldg) = if fused { (dy + o as u64 * e, lddy) } else { (scratch + lay.g as u64, r) };
 
+    // g' and dB in one pass over dy where it applies (no dropout, ranks 8/16/32/64, at most
+    // 4 adapted parts), before the dequantization: its f32 partials use W's scratch.
+    let mode = lora_pass();
+    let mut pass = if r > 0 && mode != LoraPass::Cublas { pass_plan(g, rows) } else { None };
+    if let Some(plan) = &pass {
+        match pass_kernel(plan, mode, rows, g.dtype.size())? {
+            Some(portable) => run_pass(g, plan, rows, dy, lddy, xa, ldxa, gbuf, ldg, w, portable, stream)?,
+            None => pass = None,
+        }
+    }
     if want_dx {
         dequant_group(g, w, inf, stream)?;
     }
     // g'_p^T [r, rows] = s B_p^T [r, out_p] dy_p^T [out_p, rows]  (B_p row-major [out, r] is
     // column-major [r, out]).
     let (mut col, mut rc) = (0usize, 0usize);
-    for p in g.parts {
+    for p in g.parts.iter().filter(|_| pass.is_none()) {
         if let Some(l) = p.lora {
             blas.gemm(
                 "linear backward: g = s dy B",
@@ -989,7 +1050,7 @@ unsafe fn backward_impl(
         dropout_lora_dx(dx_dt, g.dtype, dx, lddx, gbuf, ldg, rows, inf, &dropped, stream)?;
     }
     let (mut col, mut rc) = (0usize, 0usize);
-    for p in g.parts {
+    for p in g.parts.iter().filter(|_| pass.is_none()) {
         if let Some(l) = p.lora {
             // dB_p (column-major [r, out_p]) += s xa_p^T [r, rows] dy_p [rows, out_p].
             blas.gemm(
@@ -1055,6 +1116,338 @@ unsafe fn a_grads(blas: &Blas, g: &Group, rows: usize, x: u64, ldx: usize, gbuf:
         rc += l.r;
     }
     Ok(())
+}
+
+// ---- The one-pass backward for g' and dB (`linear.cu`'s `lora_pass_*`) ----
+
+/// Which code computes the backward's `g' = s dy B` and `dB += s dy^T xa` on a group
+/// without dropout (see the module docs, "GEMMs"). A per-thread setting (the calls made
+/// from this thread follow it), for benchmarks and tests; the default is [`LoraPass::Auto`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraPass {
+    /// The tensor-core pass where it applies (ranks 8, 16, 32, 64; at most 4 adapted
+    /// parts; no dropout; sm_80 or newer; its shared memory fits) *and* pays: the group
+    /// has two or more adapted parts (one launch instead of a GEMM per part and per
+    /// gradient) or the adapted parts' `dy` is larger than the L2 cache (the GEMMs' second
+    /// read of a `dy` that fits in L2 costs little: on the H100 the pass measured a few
+    /// µs slower than cuBLAS for `o` and `down`, 33.5 MB of `dy`). cuBLAS otherwise.
+    #[default]
+    Auto,
+    /// The pass wherever it applies, whatever it costs: the tensor-core kernel on sm_80
+    /// and newer (where its shared memory fits), the portable one below sm_80.
+    Always,
+    /// cuBLAS: one GEMM per part for `g'`, one per part for `dB` (the path before the
+    /// one-pass kernel), reading `dy` twice.
+    Cublas,
+    /// The portable one-pass kernel (plain f32 FMAs, any architecture; what sm_75 runs)
+    /// wherever the pass applies: to test it on newer cards.
+    Portable,
+}
+
+/// Default target (upper bound) of blocks per pass launch: two per SM of an H100 (132
+/// SMs), the resident count at the kernel's shared memory (at most 122 KiB a block).
+pub const LORA_PASS_TARGET_BLOCKS: usize = 264;
+
+thread_local! {
+    static PASS_MODE: Cell<LoraPass> = const { Cell::new(LoraPass::Auto) };
+    static PASS_TARGET: Cell<usize> = const { Cell::new(LORA_PASS_TARGET_BLOCKS) };
+}
+
+/// Sets this thread's [`LoraPass`].
+pub fn set_lora_pass(mode: LoraPass) {
+    PASS_MODE.with(|m| m.set(mode));
+}
+
+/// This thread's [`LoraPass`].
+pub fn lora_pass() -> LoraPass {
+    PASS_MODE.with(|m| m.get())
+}
+
+/// Sets this thread's target of blocks per pass launch (0: [`LORA_PASS_TARGET_BLOCKS`]).
+/// The pass splits the rows into `max(1, floor(target / spans))` chunks (`spans`: 128-, 256- or
+/// 512-column spans over all parts), at least 64 rows each: more blocks, more f32 `dB`
+/// partials. [`scratch_bytes`] depends on it.
+pub fn set_lora_pass_target_blocks(n: usize) {
+    PASS_TARGET.with(|t| t.set(if n == 0 { LORA_PASS_TARGET_BLOCKS } else { n }));
+}
+
+/// `LP_BM`, `LP_BN`, `LP_MAX_PARTS`, `LP_THREADS` of `linear.cu`.
+const LP_BM: usize = 64;
+const LP_BN: usize = 128;
+const LP_MAX_PARTS: usize = 4;
+const LP_THREADS: u32 = 256;
+
+/// Columns of one block's span at rank `r` (`LpShape<R>::CS`).
+fn lp_span_cols(r: usize) -> usize {
+    LP_BN * if r <= 16 { 4 } else if r <= 32 { 2 } else { 1 }
+}
+
+/// Dynamic shared memory of `lora_pass_*_r{r}`: the span's `B` and the staged tiles.
+fn lp_smem_bytes(r: usize) -> usize {
+    let (ldr, stages) = (r + 8, if r <= 32 { 4 } else { 3 });
+    (lp_span_cols(r) * ldr + stages * (LP_BM * (LP_BN + 8) + LP_BM * ldr)) * 2
+}
+
+/// One adapted part in the pass.
+#[derive(Clone, Copy, Debug)]
+struct PassPart {
+    /// First column in `dy`.
+    col: usize,
+    /// First column in `xa` / `g'`.
+    rc: usize,
+    out: usize,
+    lora: LoraRef,
+    /// Column spans (`ceil(out / lp_span_cols(r))`).
+    nspan: usize,
+    /// Byte offsets of its `g'` partials `[nspan][rows][r]` and `dB` partials
+    /// `[nchunk][out][r]` (f32) in the partials' region.
+    g_off: usize,
+    d_off: usize,
+}
+
+#[derive(Clone, Debug)]
+struct PassPlan {
+    parts: Vec<PassPart>,
+    nchunk: usize,
+    chunk_rows: usize,
+    /// Bytes of the partials' region.
+    bytes: usize,
+}
+
+/// The pass's blocks and partials for `rows` rows of `g`, or `None` where it does not
+/// apply (dropout on a part, a rank other than 8/16/32/64, more than 4 adapted parts, no
+/// adapter). Independent of the device (scratch is sized from it).
+fn pass_plan(g: &Group, rows: usize) -> Option<PassPlan> {
+    if g.has_dropout() || rows == 0 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let (mut col, mut rc) = (0usize, 0usize);
+    for p in g.parts {
+        if let Some(l) = p.lora {
+            if !matches!(l.r, 8 | 16 | 32 | 64) {
+                return None;
+            }
+            let nspan = p.out_features.div_ceil(lp_span_cols(l.r));
+            parts.push(PassPart { col, rc, out: p.out_features, lora: l, nspan, g_off: 0, d_off: 0 });
+            rc += l.r;
+        }
+        col += p.out_features;
+    }
+    if parts.is_empty() || parts.len() > LP_MAX_PARTS {
+        return None;
+    }
+    let spans: usize = parts.iter().map(|p| p.nspan).sum();
+    let target = PASS_TARGET.with(|t| t.get());
+    // At most `target` blocks (one wave of resident blocks: no tail wave).
+    let want = (target / spans).clamp(1, rows.div_ceil(LP_BM));
+    let chunk_rows = rows.div_ceil(want).div_ceil(LP_BM) * LP_BM;
+    let nchunk = rows.div_ceil(chunk_rows);
+    let mut off = 0usize;
+    for p in &mut parts {
+        p.g_off = off;
+        off += up(p.nspan * rows * p.lora.r * 4);
+        p.d_off = off;
+        off += up(nchunk * p.out * p.lora.r * 4);
+    }
+    if spans * nchunk > i32::MAX as usize || rows > i32::MAX as usize {
+        return None;
+    }
+    Some(PassPlan { parts, nchunk, chunk_rows, bytes: off })
+}
+
+/// `LoraPassParts` of `linear.cu` (same field order, C layout).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraPassArg {
+    dy: [u64; LP_MAX_PARTS],
+    b: [u64; LP_MAX_PARTS],
+    xa: [u64; LP_MAX_PARTS],
+    gpart: [u64; LP_MAX_PARTS],
+    dbpart: [u64; LP_MAX_PARTS],
+    out: [i32; LP_MAX_PARTS],
+    first_block: [i32; LP_MAX_PARTS + 1],
+    n: i32,
+}
+
+/// `LoraReduceParts` of `linear.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraReduceArg {
+    gpart: [u64; LP_MAX_PARTS],
+    dbpart: [u64; LP_MAX_PARTS],
+    db: [u64; LP_MAX_PARTS],
+    gfirst: [i64; LP_MAX_PARTS + 1],
+    dfirst: [i64; LP_MAX_PARTS + 1],
+    r: [i32; LP_MAX_PARTS],
+    goff: [i32; LP_MAX_PARTS],
+    nspan: [i32; LP_MAX_PARTS],
+    scale: [f32; LP_MAX_PARTS],
+    n: i32,
+}
+
+/// An attribute of the current context's device.
+fn device_attribute(a: drv::CUdevice_attribute) -> Result<i32, GpuError> {
+    let mut dev: drv::CUdevice = 0;
+    // SAFETY: out-pointers to locals; errors (no context) come back as results.
+    unsafe {
+        drv::cuCtxGetDevice(&mut dev).result().map_err(GpuError::driver("cuCtxGetDevice"))?;
+        let mut v = 0i32;
+        drv::cuDeviceGetAttribute(&mut v, a, dev).result().map_err(GpuError::driver("cuDeviceGetAttribute"))?;
+        Ok(v)
+    }
+}
+
+/// Which pass kernel runs `plan` (`rows` rows, `e` bytes per `dy` element) under `mode`
+/// here (see [`LoraPass`]): `Some(true)` the portable one, `Some(false)` the tensor-core
+/// one, `None` neither (cuBLAS): `Cublas`; below sm_80 unless forced; shared memory that
+/// does not fit (99 KiB on sm_86 / sm_89 at rank <= 32); `Auto` where it does not pay.
+fn pass_kernel(plan: &PassPlan, mode: LoraPass, rows: usize, e: usize) -> Result<Option<bool>, GpuError> {
+    use drv::CUdevice_attribute as A;
+    let old_arch = || Ok::<bool, GpuError>(device_attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? < 8);
+    match mode {
+        LoraPass::Cublas => return Ok(None),
+        LoraPass::Portable => return Ok(Some(true)),
+        LoraPass::Always if old_arch()? => return Ok(Some(true)),
+        LoraPass::Auto if old_arch()? => return Ok(None),
+        _ => {}
+    }
+    let optin = device_attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+    if !plan.parts.iter().all(|p| lp_smem_bytes(p.lora.r) <= optin) {
+        return Ok(None);
+    }
+    if mode == LoraPass::Auto && plan.parts.len() < 2 {
+        let dy_bytes = rows * plan.parts.iter().map(|p| p.out).sum::<usize>() * e;
+        if dy_bytes <= device_attribute(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize {
+            return Ok(None);
+        }
+    }
+    Ok(Some(false))
+}
+
+/// Loads `name` and allows it `smem` bytes of dynamic shared memory (once per function).
+fn function_with_smem(name: &str, smem: usize) -> Result<cudakit::kernel::Function, GpuError> {
+    let f = function_in_current_context(source(), name)?;
+    if smem > 48 << 10 {
+        static DONE: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
+        let done = DONE.get_or_init(Default::default);
+        let key = f.0 as usize;
+        if !done.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+            // SAFETY: `f` is a live function handle of the current context.
+            unsafe { drv::cuFuncSetAttribute(f.0, drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32) }
+                .result()
+                .map_err(GpuError::driver("cuFuncSetAttribute"))?;
+            done.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+        }
+    }
+    Ok(f)
+}
+
+/// The one pass over `dy`: `g' [rows, R]` (compute dtype, at `gbuf`, row stride `ldg`)
+/// `= s_p dy_p B_p` per part and `dB_p += s_p dy_p^T xa_p`, the f32 partials in `region`
+/// (`plan.bytes`). One `lora_pass_*` launch per distinct rank (usually one), then one
+/// reduce for every part. `portable`: the scalar kernel.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_pass(g: &Group, plan: &PassPlan, rows: usize, dy: u64, lddy: usize, xa: u64, ldxa: usize, gbuf: u64, ldg: usize, region: u64, portable: bool, stream: CUstream) -> Result<(), GpuError> {
+    let e = g.dtype.size() as u64;
+    let dname = match g.dtype {
+        Dtype::Bf16 => "bf16",
+        _ => "f16",
+    };
+    let a16 = |v: u64| v % 16 == 0;
+    let aligned = lddy % 8 == 0
+        && ldxa % 8 == 0
+        && plan.parts.iter().all(|p| a16(dy + p.col as u64 * e) && a16(xa + p.rc as u64 * e) && a16(p.lora.b) && p.out % 8 == 0);
+    let mut ranks: Vec<usize> = Vec::new();
+    for p in &plan.parts {
+        if !ranks.contains(&p.lora.r) {
+            ranks.push(p.lora.r);
+        }
+    }
+    for &r in &ranks {
+        let mut arg = LoraPassArg::default();
+        let mut blocks = 0usize;
+        let mut n = 0usize;
+        for p in plan.parts.iter().filter(|p| p.lora.r == r) {
+            arg.dy[n] = dy + p.col as u64 * e;
+            arg.b[n] = p.lora.b;
+            arg.xa[n] = xa + p.rc as u64 * e;
+            arg.gpart[n] = region + p.g_off as u64;
+            arg.dbpart[n] = region + p.d_off as u64;
+            arg.out[n] = p.out as i32;
+            arg.first_block[n] = blocks as i32;
+            blocks += p.nspan * plan.nchunk;
+            n += 1;
+        }
+        arg.first_block[n] = blocks as i32;
+        arg.n = n as i32;
+        let (mut lddy_, mut ldxa_, mut rows_, mut crows, mut nchunk) = (lddy as i64, ldxa as i64, rows as i32, plan.chunk_rows as i32, plan.nchunk as i32);
+        if portable {
+            let f = function_in_current_context(source(), &format!("lora_pass_scalar_{dname}"))?;
+            let (mut r_, mut cs) = (r as i32, lp_span_cols(r) as i32);
+            let mut args: [*mut c_void; 8] = [
+                &mut arg as *mut _ as *mut c_void,
+                &mut lddy_ as *mut _ as *mut c_void,
+                &mut ldxa_ as *mut _ as *mut c_void,
+                &mut rows_ as *mut _ as *mut c_void,
+                &mut crows as *mut _ as *mut c_void,
+                &mut nchunk as *mut _ as *mut c_void,
+                &mut r_ as *mut _ as *mut c_void,
+                &mut cs as *mut _ as *mut c_void,
+            ];
+            launch(f, blocks as u32, LP_THREADS, 0, stream, &mut args)?;
+        } else {
+            let smem = lp_smem_bytes(r);
+            let f = function_with_smem(&format!("lora_pass_{dname}_r{r}"), smem)?;
+            let mut al = aligned as i32;
+            let mut args: [*mut c_void; 7] = [
+                &mut arg as *mut _ as *mut c_void,
+                &mut lddy_ as *mut _ as *mut c_void,
+                &mut ldxa_ as *mut _ as *mut c_void,
+                &mut rows_ as *mut _ as *mut c_void,
+                &mut crows as *mut _ as *mut c_void,
+                &mut nchunk as *mut _ as *mut c_void,
+                &mut al as *mut _ as *mut c_void,
+            ];
+            launch(f, blocks as u32, LP_THREADS, smem as u32, stream, &mut args)?;
+        }
+    }
+    let mut arg = LoraReduceArg::default();
+    let (mut gf, mut df) = (0i64, 0i64);
+    for (i, p) in plan.parts.iter().enumerate() {
+        arg.gpart[i] = region + p.g_off as u64;
+        arg.dbpart[i] = region + p.d_off as u64;
+        arg.db[i] = p.lora.db;
+        arg.gfirst[i] = gf;
+        arg.dfirst[i] = df;
+        gf += (rows * p.lora.r) as i64;
+        df += (p.out * p.lora.r) as i64;
+        arg.r[i] = p.lora.r as i32;
+        arg.goff[i] = p.rc as i32;
+        arg.nspan[i] = p.nspan as i32;
+        arg.scale[i] = p.lora.scale;
+    }
+    let n = plan.parts.len();
+    arg.gfirst[n] = gf;
+    arg.dfirst[n] = df;
+    arg.n = n as i32;
+    let f = function_in_current_context(source(), &format!("lora_pass_reduce_{dname}"))?;
+    // Blocks: 256 g' elements each, then 32 dB elements each (see `linear.cu`).
+    let (gblocks, dblocks) = ((gf as u64).div_ceil(256), (df as u64).div_ceil(32));
+    let (mut gp, mut ldg_, mut rows_, mut nchunk, mut gb) = (gbuf, ldg as i64, rows as i64, plan.nchunk as i32, gblocks as i64);
+    let mut args: [*mut c_void; 6] = [
+        &mut arg as *mut _ as *mut c_void,
+        &mut gp as *mut _ as *mut c_void,
+        &mut ldg_ as *mut _ as *mut c_void,
+        &mut rows_ as *mut _ as *mut c_void,
+        &mut nchunk as *mut _ as *mut c_void,
+        &mut gb as *mut _ as *mut c_void,
+    ];
+    let blocks = gblocks + dblocks;
+    if blocks > u32::MAX as u64 {
+        return Err(invalid("rows", format!("{rows} rows need {blocks} reduce blocks")));
+    }
+    launch(f, blocks as u32, 256, 0, stream, &mut args)
 }
 
 
