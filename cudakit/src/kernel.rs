@@ -27,6 +27,7 @@ pub struct KernelSource {
     name: String,
     src: String,
     key: u64,
+    arch_specific: bool,
 }
 
 /// FNV-1a: stable, dependency-free; collisions are irrelevant at this size.
@@ -45,7 +46,25 @@ impl KernelSource {
     pub fn new(name: impl Into<String>, src: impl Into<String>) -> Self {
         let (name, src) = (name.into(), src.into());
         let key = fnv(name.bytes().chain([0u8]).chain(src.bytes()), FNV_SEED);
-        KernelSource { name, src, key }
+        KernelSource { name, src, key, arch_specific: false }
+    }
+    /// Compiles for the arch-specific target (`compute_90a` rather than `compute_90`) on
+    /// compute capability 9.0 and newer, where instructions such as `wgmma` exist only
+    /// there (the source sees `__CUDA_ARCH_FEAT_SM90_ALL` on 9.0). Such PTX loads only on
+    /// that exact architecture, which is the one [`function_in_current_context`] compiles
+    /// for anyway. Older architectures are unaffected.
+    pub fn arch_specific(mut self) -> Self {
+        self.arch_specific = true;
+        self.key = fnv([1u8].into_iter(), self.key);
+        self
+    }
+    /// The `--gpu-architecture` NVRTC gets for `arch`.
+    fn target(&self, arch: Arch) -> String {
+        if self.arch_specific && arch.major >= 9 {
+            format!("{}a", arch.compute_name())
+        } else {
+            arch.compute_name()
+        }
     }
     fn key(&self) -> u64 {
         self.key
@@ -76,13 +95,13 @@ pub fn compile_ptx(source: &KernelSource, arch: Arch) -> Result<Arc<CString>, Gp
     }
     let opts = CompileOptions {
         fmad: Some(false),
-        options: vec![format!("--gpu-architecture={}", arch.compute_name()), "--std=c++17".into()],
+        options: vec![format!("--gpu-architecture={}", source.target(arch)), "--std=c++17".into()],
         name: Some(source.name.replace('/', "_")),
         ..Default::default()
     };
     let ptx = compile_ptx_with_opts(&source.src, opts).map_err(|e| GpuError::Compile {
         kernel: source.name.clone(),
-        arch: arch.compute_name(),
+        arch: source.target(arch),
         log: match e {
             CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
             other => format!("{other:?}"),

@@ -3,7 +3,7 @@
 //! `py/bench_sdpa.py` (PyTorch SDPA on the same shapes) and compare the TFLOP/s.
 //!
 //! ```text
-//! cargo run -p fsdp --release --example bench_attention [-- --quick]
+//! cargo run -p fsdp --release --example bench_attention [-- --quick] [--no-wgmma]
 //! ```
 //!
 //! Timing: CUDA events around 10 back-to-back calls (so launch gaps do not count), after
@@ -68,6 +68,8 @@ fn visible_pairs(seqs: usize, len: usize, docs: Option<&[u32]>) -> f64 {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--no-wgmma`: leave the sm_90 wgmma forward tilings out (Path::Auto may still pick one).
+    let skip_wgmma = std::env::args().any(|a| a == "--no-wgmma");
     let gpu = Gpu::open(0)?;
     gpu.bind()?;
     let card = gpu.info().name.clone();
@@ -132,9 +134,26 @@ fn main() -> Result<(), Box<dyn Error>> {
                 workspace: ws_p,
                 workspace_bytes: ws,
             };
-            let mut paths: Vec<Path> = Tiling::available(d).iter().map(|&t| Path::TensorCore(t)).collect();
+            let arch = gpu.info().arch;
+            let mut paths: Vec<Path> =
+                Tiling::available(d).iter().filter(|t| t.runs_on(arch.major, arch.minor) && !(t.fwd_wgmma && skip_wgmma)).map(|&t| Path::TensorCore(t)).collect();
+            let auto = Tiling::for_arch(d, with_docs, arch.major, arch.minor).map(Path::TensorCore);
             if name == "llama-1b" && !with_docs {
                 paths.push(Path::Portable); // the sm_75 fallback, for scale
+            }
+            {
+                // The backward's D pass alone (reads o and dout, writes D, lse2 and zeroes the
+                // f32 dq accumulator): its bytes over its time.
+                let cs = stream.cu_stream();
+                // SAFETY: as below.
+                let t_pre = median(&mut time_us(stream, warmup, reps, |_| (0..BATCH).try_for_each(|_| unsafe { att::backward_pre_only(&b, cs) }))?) / BATCH as f64;
+                let rows = (t * heads) as f64;
+                let bytes = rows * (2.0 * 2.0 * d as f64 + 4.0 + 8.0 + 4.0 * d as f64);
+                eprintln!("{name:<10} {:<5} bwd D pass  {t_pre:>10.1} us, {:.0} GB/s ({:.1} MB)", if with_docs { "yes" } else { "no" }, bytes / (t_pre * 1e3), bytes / 1e6);
+                println!(
+                    "{{\"kind\":\"attention_bwd_pre\",\"card\":\"{card}\",\"model\":\"{name}\",\"docs\":{with_docs},\"us\":{t_pre:.2},\"bytes\":{bytes},\"gbps\":{:.1}}}",
+                    bytes / (t_pre * 1e3)
+                );
             }
             for path in paths {
                 let (warmup, reps) = if path == Path::Portable { (1, 3) } else { (warmup, reps) };
@@ -164,7 +183,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 );
                 println!(
                     "{{\"kind\":\"attention\",\"card\":\"{card}\",\"model\":\"{name}\",\"seqs\":{seqs},\"seq_len\":{len},\"heads\":{heads},\"kv_heads\":{kv},\"head_dim\":{d},\"docs\":{with_docs},\"tiling\":\"{label}\",\"default\":{},\"fwd_us\":{fwd:.2},\"bwd_us\":{bwd:.2},\"fwd_bwd_us\":{both:.2},\"fwd_tflops\":{:.2},\"bwd_tflops\":{:.2},\"fwd_bwd_tflops\":{:.2},\"effective_fwd_bwd_tflops\":{:.2}}}",
-                    if with_docs { Tiling::default_with_docs(d) } else { Tiling::default_for(d) }.map(Path::TensorCore) == Some(path),
+                    auto == Some(path),
                     tf(nominal_fwd, fwd),
                     tf(2.5 * nominal_fwd, bwd),
                     tf(3.5 * nominal_fwd, both),

@@ -291,6 +291,12 @@ fn tensor_cores(gpu: &Gpu) -> bool {
     a.major >= 8
 }
 
+/// The tilings of `head_dim` whose kernels exist on this GPU (wgmma ones on sm_90 only).
+fn tilings_here(gpu: &Gpu, head_dim: usize) -> Vec<Tiling> {
+    let a = gpu.info().arch;
+    Tiling::available(head_dim).iter().copied().filter(|t| t.runs_on(a.major, a.minor)).collect()
+}
+
 #[test]
 fn tensor_core_path_matches_reference() {
     let Some(gpu) = gpu("tensor_core_path_matches_reference") else { return };
@@ -327,9 +333,76 @@ fn every_tiling_matches_reference() {
         list.extend(long_cases()); // left out under compute-sanitizer, which is slow
     }
     for c in list {
-        for &t in Tiling::available(c.d) {
+        for t in tilings_here(&gpu, c.d).into_iter().filter(|t| !t.fwd_wgmma) {
             run_case(&gpu, &c, Path::TensorCore(t), &mut rng);
         }
+    }
+}
+
+/// Every wgmma tiling (sm_90 only) on every head_dim-64 case, the mid-length one and (unless
+/// `ATTN_TESTS_SHORT`) the 2048-token ones. Each tiling runs all its cases even when one
+/// fails, and the test prints which tilings passed before failing on any that did not (so a
+/// single device run tells which variants hold).
+#[test]
+fn wgmma_tilings_match_reference() {
+    let Some(gpu) = gpu("wgmma_tilings_match_reference") else { return };
+    let wg: Vec<Tiling> = tilings_here(&gpu, 64).into_iter().filter(|t| t.fwd_wgmma).collect();
+    if wg.is_empty() {
+        eprintln!("SKIPPED wgmma_tilings_match_reference: sm_{} runs no wgmma tiling", gpu.info().arch);
+        return;
+    }
+    let mut rng = Rng::fresh("wgmma_tilings_match_reference");
+    let mid = Case { seqs: 2, len: 601, heads: 4, kv: 2, d: 64, docs: Docs::Packed { avg: 150 }, dtype: Dtype::Bf16, pad: 8, qscale: 2.0 };
+    let mut list: Vec<Case> = cases().into_iter().filter(|c| c.d == 64).collect();
+    list.push(mid);
+    list.push(Case { docs: Docs::None, dtype: Dtype::F16, ..mid });
+    if std::env::var_os("ATTN_TESTS_SHORT").is_none() {
+        list.extend(long_cases().into_iter().filter(|c| c.d == 64));
+    }
+    let mut failed = Vec::new();
+    for t in wg {
+        let mut bad = 0;
+        for c in &list {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(&gpu, c, Path::TensorCore(t), &mut rng)));
+            bad += r.is_err() as usize;
+        }
+        eprintln!("WGMMA {} {}: {} of {} cases failed", t.label(), if bad == 0 { "PASS" } else { "FAIL" }, bad, list.len());
+        if bad > 0 {
+            failed.push(t.label());
+        }
+    }
+    assert!(failed.is_empty(), "wgmma tilings differing from the reference: {failed:?}");
+}
+
+/// The sm_90 defaults ([`Tiling::hopper_default`], where a wgmma forward goes once one is
+/// the default) on every head_dim-64 case: odd lengths, a single token, documents (one of
+/// length 1, boundaries on tile edges), GQA, both dtypes, peaked rows; and the 2048-token
+/// cases unless `ATTN_TESTS_SHORT` is set. Also checks that Auto picks them on this device,
+/// and, off sm_90, that a wgmma tiling is refused rather than launched as an empty kernel.
+#[test]
+fn hopper_defaults_match_reference() {
+    let Some(gpu) = gpu("hopper_defaults_match_reference") else { return };
+    let a = gpu.info().arch;
+    let wg = Tiling::available(64).iter().copied().find(|t| t.fwd_wgmma).expect("a wgmma tiling");
+    if (a.major, a.minor) != (9, 0) {
+        let s = AttnShape { seqs: 1, seq_len: 8, heads: 1, kv_heads: 1, head_dim: 64 };
+        let f = AttnForward { shape: s, dtype: Dtype::Bf16, q: 0x1000, ldq: 64, k: 0x2000, ldk: 64, v: 0x3000, ldv: 64, docs: 0, o: 0x4000, ldo: 64, lse: 0x5000 };
+        // SAFETY: refused before any launch (checked by the assertion).
+        let e = unsafe { att::forward_with(&f, Path::TensorCore(wg), std::ptr::null_mut()) }.unwrap_err();
+        assert!(matches!(e, GpuError::InvalidArgument { arg: "path", .. }), "{e}");
+        eprintln!("SKIPPED hopper_defaults_match_reference: sm_{} is not sm_90 (refusal checked)", a);
+        return;
+    }
+    let mut rng = Rng::fresh("hopper_defaults_match_reference");
+    let mut list: Vec<Case> = cases().into_iter().filter(|c| c.d == 64).collect();
+    if std::env::var_os("ATTN_TESTS_SHORT").is_none() {
+        list.extend(long_cases().into_iter().filter(|c| c.d == 64));
+    }
+    for c in list {
+        let docs = !matches!(c.docs, Docs::None);
+        let t = Tiling::hopper_default(64, docs).unwrap();
+        assert_eq!(Tiling::for_arch(64, docs, 9, 0), Some(t));
+        run_case(&gpu, &c, Path::TensorCore(t), &mut rng);
     }
 }
 
@@ -422,7 +495,7 @@ fn bad_arguments_are_refused() {
     is(bwd_err(AttnBackward { dv: 0x5000_0508, ..b }), "dv", "aligned");
     is(bwd_err(AttnBackward { fwd: AttnForward { dtype: Dtype::F32, ..f }, ..b }), "dtype", "f32");
     // An unknown tiling is refused before any driver call too.
-    let t = Tiling { fwd_warps: 2, fwd_rows: 32, fwd_keys: 64, bwd_rows: 16, bwd_keys: 16, bwd_warps: 1 };
+    let t = Tiling { fwd_wgmma: false, fwd_warps: 2, fwd_rows: 32, fwd_keys: 64, bwd_rows: 16, bwd_keys: 16, bwd_warps: 1 };
     let e = unsafe { att::forward_with(&f, Path::TensorCore(t), std::ptr::null_mut()) }.unwrap_err();
     is(e, "path", "not compiled");
 }
@@ -456,5 +529,11 @@ fn kernels_compile_for_sm75_sm80_sm90() {
         }
         let tc = text.contains("mma.sync") || text.contains("cp.async");
         assert_eq!(tc, arch.major >= 8, "sm_{arch}: tensor-core instructions present = {tc}");
+        // sm_90 is compiled arch-specific (compute_90a), where the wgmma forward has a body.
+        let wg = text.contains("wgmma.mma_async");
+        assert_eq!(wg, arch.major == 9, "sm_{arch}: wgmma present = {wg}");
+        if arch.major == 9 {
+            assert!(text.contains(".target sm_90a"), "sm_90 PTX is not arch-specific");
+        }
     }
 }

@@ -31,6 +31,7 @@
 //! |---|---|---|
 //! | tensor cores | forward: a CTA of `w` warps per (block of [`Tiling::fwd_rows`] query rows, head, sequence), each warp 16 or 32 rows, K/V tiles double-buffered through `cp.async`, `S = QK^T` and `O += PV` with `mma.sync.m16n8k16` (f32 accumulate) from `ldmatrix` fragments, online softmax in registers (log2 domain); backward: a CTA of `w` warps per (block of [`Tiling::bwd_keys`] keys, kv head, sequence), each warp 16 or 32 keys, walking the query tiles that can see them for every head of the group, dK/dV in registers, dQ added to an f32 accumulator with atomics | sm_80 and newer |
 //! | portable | scalar f32, a warp per row, no tiling: forward; dQ (a warp per query row); dK/dV (a warp per key row) | sm_75 (bf16 emulated), or on request |
+//! | wgmma forward (head_dim 64) | a CTA of 1 or 2 warpgroups, 64 query rows each; `S = QK^T` and `O += PV` with `wgmma.mma_async` (Q and P from registers, K and V from 128-byte-swizzled shared memory by descriptor, V transposed) | sm_90 only, on request ([`Tiling::fwd_wgmma`]; not a default) |
 //!
 //! A warp that owns 32 rows (forward) or keys (backward) holds them as two m16 tiles that
 //! share every fragment it loads from shared memory: `ldmatrix` bandwidth, not the tensor
@@ -66,6 +67,9 @@
 //! |---|---|---|---|---|---|
 //! | Llama-3.2-1B: 32/8 heads, d 64 | 268 / 780 / 1046 (256 / 220 TF/s) | 127 / 419 / 544 | 317 / 881 / 1239; docs 584 | 284 / 1153 / 1437 | 184 / 850 / 1034 |
 //! | Llama-3.2-3B: 24/8 heads, d 128 | 433 / 1326 / 1788 (238 / 194 TF/s) | 185 / 591 / 786 | 424 / 1344 / 1837; docs 829 | 379 / 1639 / 2018 | 206 / 1092 / 1298 |
+//! | 1B, re-measured (2026-11-26, second call of `results/attention-h100/wgmma.md`) | 270 / 780 / 1071 | 127 / 416 / 541 | | 293 / 1158 / 1452 | 185 / 857 / 1042 |
+//! | 1B, wgmma forward f128x128g2 (not default), same call | 265 / 793 / 1038 | 156 / 456 / 608 | | | |
+//! | 3B, re-measured, same call | 433 / 1340 / 1789 | 184 / 590 / 786 | | 389 / 1655 / 2043 | 215 / 1100 / 1314 |
 //!
 //! (torch 2.11 with `enable_gqa=True`, q/k/v strided views of one fused buffer as here;
 //! documents of 64..1024 tokens, which SDPA cannot express; "before" from an earlier call on
@@ -75,6 +79,22 @@
 //! uses Hopper's wgmma, which this sm_80 code does not). At the 3B shape (head_dim 128, where
 //! 32 rows per warp do not fit the registers) cuDNN is 1.38x faster and FA2 1.13x slower.
 //! The portable path runs the 1B shape in 19 ms forward, 52 ms backward.
+//!
+//! **The wgmma forward** (sm_90a; the source is compiled arch-specific, `compute_90a`, on
+//! sm_90 through [`KernelSource::arch_specific`]). Two variants matched the reference on an
+//! H100 on every case (`fsdp/results/attention-h100/wgmma.md`): f128x128g2 (cp.async double
+//! buffer, each tile's `PV` into a fresh accumulator, then `O = alpha O + PV`) at 265 us
+//! forward without documents (the mma.sync default 270 us in the same call, 1.6% apart:
+//! within what we would call noise, so not made the default) and 156 us with documents
+//! (mma.sync 127 us); f64x128g1 (plain loads into one buffer) at 370 / 194 us. The variants
+//! that accumulate `PV` in place into the rescaled `O` registers with the cp.async ring ran
+//! at 223 us (f128x64g2) and 103 us with documents (f64x64g1), but were wrong whenever a row
+//! block spans more than one key tile (cause not found; see attention.cu); the fresh-accumulator
+//! fix on those tile shapes is the next thing to try. cuDNN's forward: 185 us.
+//!
+//! `attn_bwd_pre` (the `D` pass) moves 137 MB at the 1B shape (o and dout read, 67 MB; the f32
+//! dq accumulator zeroed, 67 MB; D, lse) in 52.5 us: 2.6 TB/s, 87% of the card's 3.0 TB/s
+//! device copy. Unchanged.
 //!
 //! Tried and not kept (same card, `fsdp/results/attention-h100/sweep.md`): a 3-stage
 //! `cp.async` pipeline (no faster), register caps for more CTAs per SM (`__launch_bounds__`
@@ -161,6 +181,10 @@ pub struct AttnBackward {
 /// A tiling of the tensor-core kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
+    /// Forward on Hopper's `wgmma` (sm_90 only, head_dim 64): `fwd_warps` is then a multiple
+    /// of 4 (warpgroups) and `fwd_rows = 16 * fwd_warps` (64 rows per warpgroup). Otherwise
+    /// the `mma.sync` forward (sm_80+).
+    pub fwd_wgmma: bool,
     /// Forward: warps per CTA.
     pub fwd_warps: u32,
     /// Forward: query rows per CTA, `16 * fwd_warps` or `32 * fwd_warps` (each warp then owns
@@ -178,20 +202,30 @@ pub struct Tiling {
 }
 
 impl Tiling {
-    /// The tilings compiled for `head_dim`; the first is the default without a document
-    /// mask, [`Tiling::default_with_docs`] the default with one (the fastest measured on an
-    /// H100 at the Llama training shapes, see the module docs).
+    /// The tilings compiled for `head_dim`; the first is the sm_80+ default without a
+    /// document mask, [`Tiling::default_with_docs`] the default with one (the fastest
+    /// measured on an H100 at the Llama training shapes, see the module docs), and
+    /// [`Tiling::for_arch`] what [`Path::Auto`] picks on a given device. Tilings with
+    /// [`Tiling::fwd_wgmma`] run on sm_90 only ([`Tiling::runs_on`]).
     pub fn available(head_dim: usize) -> &'static [Tiling] {
         const fn t(fwd_rows: u32, fwd_warps: u32, fwd_keys: u32, bwd_rows: u32, bwd_keys: u32, bwd_warps: u32) -> Tiling {
-            Tiling { fwd_warps, fwd_rows, fwd_keys, bwd_rows, bwd_keys, bwd_warps }
+            Tiling { fwd_wgmma: false, fwd_warps, fwd_rows, fwd_keys, bwd_rows, bwd_keys, bwd_warps }
         }
-        // Each entry needs its FWD_TC and BWD_TC instantiations in attention.cu. The first is
-        // the default without documents, the one `default_with_docs` names the default with.
-        const D64: [Tiling; 4] = [
+        // The wgmma forward with `groups` warpgroups, paired with the mma.sync backward given.
+        const fn wg(groups: u32, fwd_keys: u32, bwd_rows: u32, bwd_keys: u32, bwd_warps: u32) -> Tiling {
+            Tiling { fwd_wgmma: true, fwd_warps: 4 * groups, fwd_rows: 64 * groups, fwd_keys, bwd_rows, bwd_keys, bwd_warps }
+        }
+        // Each entry needs its FWD_TC (FWD_WG) and BWD_TC instantiations in attention.cu. The
+        // first is the default without documents, the one `default_with_docs` names the
+        // default with. The wgmma ones are the two variants that matched the reference on an
+        // H100 (attention.cu, FWD_WG; neither is a default: see the module docs).
+        const D64: [Tiling; 6] = [
             t(128, 4, 64, 32, 128, 4), // f128x64w4-b32x128w4: default
             t(64, 2, 64, 64, 64, 4),   // f64x64w2-b64x64w4: default with documents
             t(64, 4, 64, 64, 128, 8),  // f64x64w4-b64x128w8: the 16-row (16-key) warps
             t(128, 4, 32, 32, 64, 4),  // f128x32w4-b32x64w4
+            wg(2, 128, 32, 128, 4),    // f128x128g2-b32x128w4: wgmma, fresh P V accumulator
+            wg(1, 128, 32, 128, 4),    // f64x128g1-b32x128w4: wgmma, plain loads, one buffer
         ];
         const D128: [Tiling; 2] = [t(64, 4, 64, 32, 64, 4), t(128, 8, 64, 32, 128, 8)];
         match head_dim {
@@ -214,16 +248,47 @@ impl Tiling {
         };
         Tiling::available(head_dim).get(i).copied()
     }
-    /// A short label, e.g. `f64x64w4-b64x64w4`: forward query rows x keys per tile and warps,
-    /// backward query rows per tile x keys per CTA and warps.
+    /// The tiling [`Path::Auto`] uses on sm_90 (H100/H200) for `head_dim`, with or without
+    /// a document mask. The place for a wgmma forward once one is measured clearly faster
+    /// than the mma.sync one; none is yet (module docs), so these are the sm_80 defaults.
+    pub fn hopper_default(head_dim: usize, docs: bool) -> Option<Tiling> {
+        if docs {
+            Tiling::default_with_docs(head_dim)
+        } else {
+            Tiling::default_for(head_dim)
+        }
+    }
+    /// The tiling [`Path::Auto`] uses on a device of compute capability `major.minor`
+    /// (`None` below sm_80: the portable kernels).
+    pub fn for_arch(head_dim: usize, docs: bool, major: u32, minor: u32) -> Option<Tiling> {
+        match (major, minor) {
+            (m, _) if m < 8 => None,
+            (9, 0) => Tiling::hopper_default(head_dim, docs),
+            _ if docs => Tiling::default_with_docs(head_dim),
+            _ => Tiling::default_for(head_dim),
+        }
+    }
+    /// Whether the kernels exist on compute capability `major.minor`: sm_80 and newer, and
+    /// sm_90 exactly for [`Tiling::fwd_wgmma`] (wgmma is in no other architecture).
+    pub fn runs_on(&self, major: u32, minor: u32) -> bool {
+        if self.fwd_wgmma {
+            (major, minor) == (9, 0)
+        } else {
+            major >= 8
+        }
+    }
+    /// A short label, e.g. `f64x64w4-b64x64w4`: forward query rows x keys per tile and warps
+    /// (`g<warpgroups>` for the wgmma forward), backward query rows per tile x keys per CTA
+    /// and warps.
     pub fn label(&self) -> String {
-        format!(
-            "f{}x{}w{}-b{}x{}w{}",
-            self.fwd_rows, self.fwd_keys, self.fwd_warps, self.bwd_rows, self.bwd_keys, self.bwd_warps
-        )
+        let fw = if self.fwd_wgmma { format!("g{}", self.fwd_warps / 4) } else { format!("w{}", self.fwd_warps) };
+        format!("f{}x{}{fw}-b{}x{}w{}", self.fwd_rows, self.fwd_keys, self.bwd_rows, self.bwd_keys, self.bwd_warps)
     }
     /// The forward kernel's name for `dt` (`bf16`/`f16`) and `head_dim`.
     fn fwd_kernel(&self, dt: &str, d: usize) -> String {
+        if self.fwd_wgmma {
+            return format!("attn_fwd_wg_{dt}_d{d}_g{}_n{}", self.fwd_warps / 4, self.fwd_keys);
+        }
         format!("attn_fwd_tc_{dt}_d{d}_m{}_w{}_n{}", self.fwd_rows, self.fwd_warps, self.fwd_keys)
     }
     /// The backward main kernel's name.
@@ -248,11 +313,12 @@ impl Tiling {
 /// exist for tests (the portable path is checked on the H100 too) and the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// Tensor cores on sm_80+ with [`Tiling::default_for`], or [`Tiling::default_with_docs`]
-    /// when a document mask is given; the portable kernels below sm_80.
+    /// Tensor cores on sm_80+ with [`Tiling::for_arch`] ([`Tiling::default_for`], or
+    /// [`Tiling::default_with_docs`] when a document mask is given; on sm_90
+    /// [`Tiling::hopper_default`]); the portable kernels below sm_80.
     Auto,
-    /// The tensor-core kernels with this tiling (an error below sm_80 or for a tiling not
-    /// in [`Tiling::available`]).
+    /// The tensor-core kernels with this tiling (an error below sm_80, for a wgmma tiling
+    /// off sm_90, or for a tiling not in [`Tiling::available`]).
     TensorCore(Tiling),
     /// The portable scalar kernels (any architecture).
     Portable,
@@ -261,7 +327,8 @@ pub enum Path {
 /// The kernel source.
 pub fn source() -> &'static KernelSource {
     static S: OnceLock<KernelSource> = OnceLock::new();
-    S.get_or_init(|| KernelSource::new("fsdp/attention.cu", include_str!("attention.cu")))
+    // Arch-specific on sm_90 (compute_90a), for the wgmma forward.
+    S.get_or_init(|| KernelSource::new("fsdp/attention.cu", include_str!("attention.cu")).arch_specific())
 }
 
 const ALIGN: usize = 256;
@@ -371,8 +438,8 @@ fn check_backward(a: &AttnBackward) -> Result<bool, GpuError> {
     Ok(go)
 }
 
-/// The compute capability of the current context's device, as `major * 10 + minor`.
-fn current_arch() -> Result<u32, GpuError> {
+/// The compute capability of the current context's device, as `(major, minor)`.
+fn current_arch() -> Result<(u32, u32), GpuError> {
     if !cudakit::driver_present() {
         return Err(GpuError::NoDriver);
     }
@@ -389,27 +456,25 @@ fn current_arch() -> Result<u32, GpuError> {
             .map_err(GpuError::driver("cuDeviceGetAttribute"))
     };
     use sys::CUdevice_attribute as A;
-    Ok(get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? * 10 + get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?)
+    Ok((get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?))
 }
 
 /// Resolves `path` for the current device: `Some(tiling)` for the tensor-core kernels.
 fn resolve(path: Path, head_dim: usize, docs: bool) -> Result<Option<Tiling>, GpuError> {
     match path {
         Path::Portable => Ok(None),
-        Path::Auto => Ok(if current_arch()? < 80 {
-            None
-        } else if docs {
-            Tiling::default_with_docs(head_dim)
-        } else {
-            Tiling::default_for(head_dim)
-        }),
+        Path::Auto => {
+            let (major, minor) = current_arch()?;
+            Ok(Tiling::for_arch(head_dim, docs, major, minor))
+        }
         Path::TensorCore(t) => {
             if !Tiling::available(head_dim).contains(&t) {
                 return Err(invalid("path", format!("tiling {t:?} is not compiled for head_dim {head_dim}")));
             }
-            let arch = current_arch()?;
-            if arch < 80 {
-                return Err(invalid("path", format!("the tensor-core kernels need sm_80 or newer (this is sm_{arch})")));
+            let (major, minor) = current_arch()?;
+            if !t.runs_on(major, minor) {
+                let need = if t.fwd_wgmma { "the wgmma forward needs sm_90" } else { "the tensor-core kernels need sm_80 or newer" };
+                return Err(invalid("path", format!("{need} (this is sm_{major}{minor})")));
             }
             Ok(Some(t))
         }
@@ -473,7 +538,9 @@ const BWD_STAGES: usize = 2;
 
 fn fwd_smem(t: Tiling, d: usize) -> u32 {
     let (bm, bn, s) = (t.fwd_rows as usize, t.fwd_keys as usize, FWD_STAGES);
-    ((bm * d + 2 * s * bn * d) * 2 + s * bn * 4) as u32
+    // The wgmma kernel aligns its tiles to 1024 bytes itself (the swizzle's period).
+    let slack = if t.fwd_wgmma { 1024 } else { 0 };
+    ((bm * d + 2 * s * bn * d) * 2 + s * bn * 4 + slack) as u32
 }
 
 fn bwd_smem(t: Tiling, d: usize) -> u32 {
@@ -534,6 +601,43 @@ pub unsafe fn forward_with(a: &AttnForward, path: Path, stream: CUstream) -> Res
     }
 }
 
+/// Queues only the backward's first pass (`D`, `lse` in log2 units, and the zeroed dq
+/// accumulator of the tensor-core path) on `stream`: for the benchmark, which times it alone.
+///
+/// # Safety
+/// As [`backward`].
+#[doc(hidden)]
+pub unsafe fn backward_pre_only(a: &AttnBackward, stream: CUstream) -> Result<(), GpuError> {
+    if !check_backward(a)? {
+        return Ok(());
+    }
+    launch_pre(a, true, stream)
+}
+
+/// The `D` pass of the backward (zeroing the dq accumulator iff `zero_dq`).
+unsafe fn launch_pre(a: &AttnBackward, zero_dq: bool, stream: CUstream) -> Result<(), GpuError> {
+    let f = &a.fwd;
+    let s = f.shape;
+    let dt = dtype_name(f.dtype)?;
+    let tokens = s.seqs * s.seq_len;
+    let rows = tokens * s.heads;
+    let (o_lse2, o_d, o_dq, _) = workspace_layout(&s);
+    let pre = function(&format!("attn_bwd_pre_{dt}_d{}", s.head_dim), 0)?;
+    let mut pp = Params::new()
+        .ptr(f.o)
+        .ld(f.ldo)
+        .ptr(a.dout)
+        .ld(a.lddout)
+        .ptr(f.lse)
+        .ptr(a.workspace + o_lse2 as u64)
+        .ptr(a.workspace + o_d as u64)
+        .ptr(a.workspace + o_dq as u64)
+        .int(tokens)
+        .int(s.heads)
+        .push(zero_dq as i32);
+    kernel::launch(pre, (rows * 8).div_ceil(256) as u32, 256, 0, stream, &mut pp.1)
+}
+
 /// Queues the backward on `stream` (the current context's), with [`Path::Auto`]: three
 /// launches (the `D` pass, the main kernel, the dq cast), or three on the portable path
 /// (`D`, dq, dk/dv).
@@ -564,20 +668,7 @@ pub unsafe fn backward_with(a: &AttnBackward, path: Path, stream: CUstream) -> R
     let (ws_lse2, ws_d, ws_dq) = (a.workspace + o_lse2 as u64, a.workspace + o_d as u64, a.workspace + o_dq as u64);
     let tiling = resolve(path, d, f.docs != 0)?;
 
-    let pre = function(&format!("attn_bwd_pre_{dt}_d{d}"), 0)?;
-    let mut pp = Params::new()
-        .ptr(f.o)
-        .ld(f.ldo)
-        .ptr(a.dout)
-        .ld(a.lddout)
-        .ptr(f.lse)
-        .ptr(ws_lse2)
-        .ptr(ws_d)
-        .ptr(ws_dq)
-        .int(tokens)
-        .int(s.heads)
-        .push(tiling.is_some() as i32);
-    kernel::launch(pre, (rows * 8).div_ceil(256) as u32, 256, 0, stream, &mut pp.1)?;
+    launch_pre(a, tiling.is_some(), stream)?;
 
     let common = || {
         Params::new()
@@ -655,7 +746,12 @@ mod tests {
         // the other tilings within an H100's 227 KiB.
         for d in [64, 128] {
             for &t in Tiling::available(d) {
-                assert!(t.fwd_rows == 16 * t.fwd_warps || t.fwd_rows == 32 * t.fwd_warps, "{t:?}");
+                if t.fwd_wgmma {
+                    assert!(d == 64 && t.fwd_warps % 4 == 0 && t.fwd_rows == 16 * t.fwd_warps, "{t:?}");
+                    assert!(t.fwd_keys == 64 || t.fwd_keys == 128, "{t:?}");
+                } else {
+                    assert!(t.fwd_rows == 16 * t.fwd_warps || t.fwd_rows == 32 * t.fwd_warps, "{t:?}");
+                }
                 assert!(t.bwd_keys == 16 * t.bwd_warps || t.bwd_keys == 32 * t.bwd_warps, "{t:?}");
                 let default = [Tiling::default_for(d), Tiling::default_with_docs(d)].contains(&Some(t));
                 let limit = if default { 99 * 1024 } else { 227 * 1024 };
@@ -663,6 +759,30 @@ mod tests {
                 assert!(bwd_smem(t, d) <= limit, "{t:?} d{d} bwd {}", bwd_smem(t, d));
             }
         }
+    }
+
+    #[test]
+    fn auto_picks_per_architecture() {
+        for d in [64, 128] {
+            for docs in [false, true] {
+                assert_eq!(Tiling::for_arch(d, docs, 7, 5), None);
+                let sm80 = if docs { Tiling::default_with_docs(d) } else { Tiling::default_for(d) };
+                for (major, minor) in [(8, 0), (8, 9), (10, 0), (12, 0)] {
+                    let t = Tiling::for_arch(d, docs, major, minor);
+                    assert_eq!(t, sm80, "sm_{major}{minor} d{d} docs {docs}");
+                    assert!(t.unwrap().runs_on(major, minor));
+                }
+                let h = Tiling::for_arch(d, docs, 9, 0).unwrap();
+                assert_eq!(Some(h), Tiling::hopper_default(d, docs));
+                assert!(Tiling::available(d).contains(&h) && h.runs_on(9, 0));
+                assert!(!h.fwd_wgmma || d == 64);
+            }
+        }
+        // A wgmma tiling runs on sm_90 only; the others from sm_80 on.
+        let wg = Tiling::available(64).iter().copied().find(|t| t.fwd_wgmma).unwrap();
+        assert!(wg.runs_on(9, 0) && !wg.runs_on(8, 0) && !wg.runs_on(10, 0));
+        assert!(wg.label().contains('g'));
+        assert!(Tiling::available(128).iter().all(|t| !t.fwd_wgmma));
     }
 
     #[test]
