@@ -19,6 +19,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let spec = Spec { dtype: Dtype::Bf16, vocab: 128256, want_grad: true, bias: false, teacher_bias: false, vectorized: true, block: memlinear::codegen::BLOCK };
+    let spec = Spec::passes(Dtype::Bf16, 128256, true, false, false, true, memlinear::codegen::BLOCK);
     print!("{}", generate(&loss, spec));
 }

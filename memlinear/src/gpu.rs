@@ -5,7 +5,8 @@
 //! 1. `logits[c, V] = X_c @ W^T` (cuBLAS, output in the input dtype, f32 accumulation);
 //!    the teacher's logits likewise when the loss reads them;
 //! 2. the loss kernel: per-token losses, and d(loss)/d(logits) * upstream written over the
-//!    logits (ignored tokens: zeros);
+//!    logits (ignored tokens: zeros); its shape (multi-pass, or the row cached in shared
+//!    memory over a cluster) comes from [`plan_spec`], its launch is [`launch_loss`];
 //! 3. `dX_c = dlogits @ W` (complete over the vocabulary: one rounding);
 //! 4. `dW += dlogits^T @ X_c` into f32: the caller's f32 gradient itself, or an f32
 //!    accumulator in the workspace rounded once at the end; dbias likewise.
@@ -28,7 +29,7 @@ use cudakit::GpuError;
 use cudakit::blas::{Blas, DataType, Mat, Op};
 use cudarc::driver::sys as drv;
 
-use crate::codegen::{self, Spec};
+use crate::codegen::{self, RowPlan, Spec};
 use crate::{Dtype, Error, Loss, Reduction};
 
 /// Bytes of workspace handed to cuBLAS (NVIDIA's recommendation for Hopper).
@@ -330,6 +331,241 @@ fn f(src: &KernelSource, name: &str) -> Result<Function, Error> {
     Ok(function_in_current_context(src, name)?)
 }
 
+/// What the loss kernel's plan depends on, per device.
+#[derive(Clone, Copy, Debug)]
+struct DeviceFacts {
+    /// Compute capability major.
+    major: i32,
+    /// Shared memory one block may opt into (bytes).
+    smem_optin: usize,
+}
+
+fn device_facts() -> Result<DeviceFacts, Error> {
+    static C: OnceLock<Mutex<HashMap<usize, DeviceFacts>>> = OnceLock::new();
+    let ctx = current_ctx()?;
+    let cache = C.get_or_init(Default::default);
+    if let Some(f) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(ctx as usize)) {
+        return Ok(*f);
+    }
+    let mut dev: drv::CUdevice = 0;
+    // SAFETY: out-pointer to a local; a context is current (checked above).
+    drv_ok("cuCtxGetDevice", unsafe { drv::cuCtxGetDevice(&mut dev) })?;
+    let get = |a: drv::CUdevice_attribute| -> Result<i32, Error> {
+        let mut x = 0i32;
+        // SAFETY: out-pointer to a local; `dev` came from the current context.
+        drv_ok("cuDeviceGetAttribute", unsafe { drv::cuDeviceGetAttribute(&mut x, a, dev) })?;
+        Ok(x)
+    };
+    use drv::CUdevice_attribute as A;
+    let f = DeviceFacts {
+        major: get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        smem_optin: get(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize,
+    };
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(ctx as usize, f);
+    Ok(f)
+}
+
+/// Shared memory the kernel declares statically, at most (reductions and cluster slots).
+const STATIC_SMEM: usize = 1 << 10;
+
+/// Threads per block for the cached kernel: about 8 vectors of the slice per thread (the
+/// fill pass keeps up to 8 loads in flight per thread), within [128, 1024].
+fn cached_block(spec: &Spec) -> u32 {
+    let vecs = spec.slice().div_ceil(spec.vec());
+    (vecs.div_ceil(8).div_ceil(32) * 32).clamp(128, 1024) as u32
+}
+
+/// The loss kernel's specialization for a call. `RowPlan::Auto` (see [`codegen::set_plan`])
+/// is the multi-pass kernel with evict-first hints on its gradient pass: on the H100 it
+/// measured faster than every row-cached shape (cluster of 2, 4 or 8 blocks, 256 to 1024
+/// threads; one block per row at vocabulary 32000), see `bench/RESULTS.md`. The row-cached
+/// shapes are run only when forced (`RowPlan::Cached`); a forced shape the device cannot
+/// run (cluster on sm < 90, slice larger than the shared memory a block may have) is an
+/// error. Needs a current context for forced plans (reads the device's limits).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_spec(loss: &Loss, dtype: Dtype, vocab: usize, want_grad: bool, bias: bool, teacher_bias: bool, vectorized: bool) -> Result<Spec, Error> {
+    let base = Spec::passes(dtype, vocab, want_grad, bias, teacher_bias, vectorized, codegen::block());
+    let cached = |cluster: u32, streaming: bool| {
+        let mut s = Spec { cluster, cache: true, streaming, ..base };
+        s.block = codegen::block_override().unwrap_or_else(|| cached_block(&s));
+        s
+    };
+    match codegen::plan() {
+        RowPlan::Passes { streaming } => Ok(Spec { streaming, ..base }),
+        RowPlan::Cached { cluster, streaming } => {
+            let s = cached(cluster, streaming);
+            let f = device_facts()?;
+            if cluster > 1 && f.major < 9 {
+                return Err(Error::Options(format!("a row split over a cluster of {cluster} blocks needs sm_90 or newer")));
+            }
+            if !(1..=8).contains(&cluster) || codegen::shared_bytes(&s) + STATIC_SMEM > f.smem_optin {
+                return Err(Error::Options(format!(
+                    "a row of {vocab} {} over {cluster} block(s) needs {} bytes of shared memory per block; the device allows {}",
+                    dtype.name(),
+                    codegen::shared_bytes(&s),
+                    f.smem_optin
+                )));
+            }
+            Ok(s)
+        }
+        RowPlan::Auto => {
+            let _ = loss; // the choice does not depend on the loss (yet)
+            Ok(Spec { streaming: true, ..base })
+        }
+    }
+}
+
+/// The loss kernel's arguments for one chunk (device pointers; 0 = absent).
+#[derive(Clone, Copy, Debug)]
+pub struct LossArgs {
+    /// `[rows, vocab]` student logits, overwritten with the gradient.
+    pub z: u64,
+    /// `[rows, vocab]` teacher logits.
+    pub zt: u64,
+    /// `[vocab]` student bias.
+    pub bias: u64,
+    /// `[vocab]` teacher bias.
+    pub tbias: u64,
+    /// `[rows]` i64 targets.
+    pub targets: u64,
+    /// Ignored target value.
+    pub ignore_index: i64,
+    /// Token parameters, `tp[k * tp_stride + row]` f32.
+    pub tp: u64,
+    /// Stride between token parameters.
+    pub tp_stride: i64,
+    /// Class parameters `[n][vocab]` f32.
+    pub cp: u64,
+    /// `[rows]` f32 upstream gradients.
+    pub grad_tokens: u64,
+    /// Multiplies the seed of differentiation (1 / normalizer).
+    pub seed_scale: f32,
+    /// `[rows]` f32 per-token losses.
+    pub loss_out: u64,
+    /// Flags (32 bytes): non-finite loss / gradient bits, first bad token, bad target.
+    pub flags: u64,
+    /// Index of the chunk's first token (for error messages).
+    pub t0: i64,
+    /// Rows in the chunk.
+    pub rows: usize,
+}
+
+/// Launches the loss kernel of `loss` under `spec` on `stream`: `spec.cluster` blocks per
+/// row (a cluster launch when > 1), `codegen::shared_bytes(&spec)` of dynamic shared memory.
+///
+/// # Safety
+/// Every non-zero pointer of `a` must be a device allocation of the documented shape, in
+/// the current context, valid until the kernel completes.
+pub unsafe fn launch_loss(loss: &Loss, spec: Spec, a: &LossArgs, stream: drv::CUstream) -> Result<(), Error> {
+    if a.rows == 0 {
+        return Ok(());
+    }
+    let src = loss_source(loss, spec);
+    let k = f(&src, codegen::ENTRY)?;
+    let smem = codegen::shared_bytes(&spec);
+    let cluster = spec.cluster.max(1);
+    if smem > 48 << 10 {
+        // Opt in above the 48 KB default, once per function.
+        static DONE: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
+        let done = DONE.get_or_init(Default::default);
+        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+        if d.get(&(k.0 as usize)).is_none_or(|&b| b < smem) {
+            drv_ok(
+                "cuFuncSetAttribute",
+                drv::cuFuncSetAttribute(k.0, drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32),
+            )?;
+            d.insert(k.0 as usize, smem);
+        }
+    }
+    let (mut a_z, mut a_zt, mut a_b, mut a_tb, mut a_tg, mut a_ig) = (a.z, a.zt, a.bias, a.tbias, a.targets, a.ignore_index);
+    let (mut a_tp, mut a_tps, mut a_cp, mut a_gt, mut a_ss, mut a_lo) = (a.tp, a.tp_stride, a.cp, a.grad_tokens, a.seed_scale, a.loss_out);
+    let (mut a_fl, mut a_t0, mut a_rows) = (a.flags, a.t0, a.rows as i32);
+    let mut args: [*mut c_void; 15] = [
+        &mut a_z as *mut _ as *mut c_void,
+        &mut a_zt as *mut _ as *mut c_void,
+        &mut a_b as *mut _ as *mut c_void,
+        &mut a_tb as *mut _ as *mut c_void,
+        &mut a_tg as *mut _ as *mut c_void,
+        &mut a_ig as *mut _ as *mut c_void,
+        &mut a_tp as *mut _ as *mut c_void,
+        &mut a_tps as *mut _ as *mut c_void,
+        &mut a_cp as *mut _ as *mut c_void,
+        &mut a_gt as *mut _ as *mut c_void,
+        &mut a_ss as *mut _ as *mut c_void,
+        &mut a_lo as *mut _ as *mut c_void,
+        &mut a_fl as *mut _ as *mut c_void,
+        &mut a_t0 as *mut _ as *mut c_void,
+        &mut a_rows as *mut _ as *mut c_void,
+    ];
+    let grid = u32::try_from(a.rows * cluster as usize).map_err(|_| Error::Options(format!("{} rows x {cluster} blocks overflow a grid", a.rows)))?;
+    if cluster == 1 {
+        launch(k, grid, spec.block, smem as u32, stream, &mut args)?;
+        return Ok(());
+    }
+    // SAFETY (of the zeroed value): a plain C union/struct of integers and pointers.
+    let mut attr: drv::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = cluster;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    let cfg = drv::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: spec.block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    drv_ok("cuLaunchKernelEx", drv::cuLaunchKernelEx(&cfg, k.0, args.as_mut_ptr(), std::ptr::null_mut()))
+}
+
+/// How many clusters of `spec` can be resident at once on the device (0: the launch
+/// would fail). 1 block per cluster: the resident blocks.
+pub fn resident_clusters(loss: &Loss, spec: Spec) -> Result<u32, Error> {
+    static C: OnceLock<Mutex<HashMap<usize, u32>>> = OnceLock::new();
+    let src = loss_source(loss, spec);
+    let k = f(&src, codegen::ENTRY)?;
+    let cache = C.get_or_init(Default::default);
+    if let Some(&n) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&(k.0 as usize)) {
+        return Ok(n);
+    }
+    let smem = codegen::shared_bytes(&spec);
+    if smem > 48 << 10 {
+        // SAFETY: `k` is a live function of the current context.
+        drv_ok("cuFuncSetAttribute", unsafe {
+            drv::cuFuncSetAttribute(k.0, drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        })?;
+    }
+    // SAFETY (of the zeroed value): a plain C union/struct of integers and pointers.
+    let mut attr: drv::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = spec.cluster.max(1);
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    let cfg = drv::CUlaunchConfig {
+        gridDimX: spec.cluster.max(1) * 1024,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: spec.block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: std::ptr::null_mut(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut n = 0i32;
+    // SAFETY: out-pointer to a local; `cfg` points at a live attribute.
+    drv_ok("cuOccupancyMaxActiveClusters", unsafe { drv::cuOccupancyMaxActiveClusters(&mut n, k.0, &cfg) })?;
+    let n = n.max(0) as u32;
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(k.0 as usize, n);
+    Ok(n)
+}
+
 fn drv_ok(call: &'static str, r: drv::CUresult) -> Result<(), Error> {
     r.result().map_err(GpuError::driver(call)).map_err(Error::from)
 }
@@ -398,18 +634,19 @@ pub unsafe fn run_raw(
     }
     let ws = |off: usize| workspace + off as u64;
     let vec_ok = |ptr: u64| ptr == 0 || ptr % 16 == 0;
-    let spec = Spec {
-        dtype: dt,
-        vocab: v,
+    let spec = plan_spec(
+        loss,
+        dt,
+        v,
         want_grad,
-        bias: p.student.bias != 0,
-        teacher_bias: p.teacher.is_some_and(|t| t.bias != 0) && loss.uses_teacher(),
-        vectorized: (v * dt.size()) % 16 == 0 && vec_ok(p.student.bias) && vec_ok(p.teacher.map_or(0, |t| t.bias)),
-        block: codegen::block(),
-    };
-    let lsrc = loss_source(loss, spec);
+        p.student.bias != 0,
+        p.teacher.is_some_and(|t| t.bias != 0) && loss.uses_teacher(),
+        (v * dt.size()) % 16 == 0 && vec_ok(p.student.bias) && vec_ok(p.teacher.map_or(0, |t| t.bias)),
+    )?;
+    if spec.cluster > 1 && resident_clusters(loss, spec)? == 0 {
+        return bad(format!("the device cannot place a cluster of {} blocks of {} threads with {} bytes of shared memory each", spec.cluster, spec.block, codegen::shared_bytes(&spec)));
+    }
     let hsrc = helpers(dt);
-    let kloss = f(&lsrc, codegen::ENTRY)?;
     let kval = f(&hsrc, "validate_targets")?;
     let ksum = f(&hsrc, "sum_losses")?;
     let kbias = f(&hsrc, "bias_grad")?;
@@ -489,45 +726,25 @@ pub unsafe fn run_raw(
             let txc = th.x + (t0 * th.hidden) as u64 * es;
             h.gemm("teacher logits GEMM", Op::T, Op::N, v, rows, th.hidden, 1.0, Mat::new(th.w, bt, th.hidden), Mat::new(txc, bt, th.hidden), 0.0, Mat::new(tb, bt, v))?;
         }
-        {
-            let mut a_z = zbuf;
-            let mut a_zt = tbuf.unwrap_or(0);
-            let mut a_b = p.student.bias;
-            let mut a_tb = if spec.teacher_bias { p.teacher.map_or(0, |t| t.bias) } else { 0 };
-            let mut a_tg = if p.targets != 0 { p.targets + 8 * t0 as u64 } else { 0 };
-            let mut a_ig = p.ignore_index;
-            let mut a_tp = tp;
-            let mut a_tps = tn as i64;
-            let mut a_cp = cp;
-            let mut a_gt = if p.grad_tokens != 0 { p.grad_tokens + 4 * t0 as u64 } else { 0 };
-            let mut a_ss = seed_scale;
-            let mut a_lo = per_token + 4 * t0 as u64;
-            let mut a_fl = flags + 16;
-            let mut a_t0 = t0 as i64;
-            let mut a_rows = rows as i32;
+        let la = LossArgs {
+            z: zbuf,
+            zt: tbuf.unwrap_or(0),
+            bias: p.student.bias,
+            tbias: if spec.teacher_bias { p.teacher.map_or(0, |t| t.bias) } else { 0 },
+            targets: if p.targets != 0 { p.targets + 8 * t0 as u64 } else { 0 },
+            ignore_index: p.ignore_index,
             // Token parameters are indexed `tp[k * stride + row]`: offset the base by t0.
-            if a_tp != 0 {
-                a_tp += 4 * t0 as u64;
-            }
-            let mut args: [*mut c_void; 15] = [
-                &mut a_z as *mut _ as *mut c_void,
-                &mut a_zt as *mut _ as *mut c_void,
-                &mut a_b as *mut _ as *mut c_void,
-                &mut a_tb as *mut _ as *mut c_void,
-                &mut a_tg as *mut _ as *mut c_void,
-                &mut a_ig as *mut _ as *mut c_void,
-                &mut a_tp as *mut _ as *mut c_void,
-                &mut a_tps as *mut _ as *mut c_void,
-                &mut a_cp as *mut _ as *mut c_void,
-                &mut a_gt as *mut _ as *mut c_void,
-                &mut a_ss as *mut _ as *mut c_void,
-                &mut a_lo as *mut _ as *mut c_void,
-                &mut a_fl as *mut _ as *mut c_void,
-                &mut a_t0 as *mut _ as *mut c_void,
-                &mut a_rows as *mut _ as *mut c_void,
-            ];
-            launch(kloss, rows as u32, spec.block, 0, stream, &mut args)?;
-        }
+            tp: if tp != 0 { tp + 4 * t0 as u64 } else { 0 },
+            tp_stride: tn as i64,
+            cp,
+            grad_tokens: if p.grad_tokens != 0 { p.grad_tokens + 4 * t0 as u64 } else { 0 },
+            seed_scale,
+            loss_out: per_token + 4 * t0 as u64,
+            flags: flags + 16,
+            t0: t0 as i64,
+            rows,
+        };
+        launch_loss(loss, spec, &la, stream)?;
         if o.dx != 0 {
             let dxc = o.dx + (t0 * hd) as u64 * es;
             h.gemm("dX GEMM", Op::N, Op::N, hd, rows, v, 1.0, Mat::new(p.student.w, bt, hd), Mat::new(zbuf, bt, v), 0.0, Mat::new(dxc, bt, hd))?;

@@ -2,6 +2,8 @@
 //! NF4_TEST_SEED) with the two draws these tests add, and comparisons.
 #![allow(dead_code)]
 
+pub mod device;
+
 pub use nf4::testing::Rng;
 
 /// Draws these tests need beyond nf4's generator.
