@@ -679,6 +679,10 @@ pub struct RuntimeOptions {
     /// default (`FSDP_KEEP_NORMS=0` in the environment turns the default off, to compare);
     /// ignored with checkpointing (a recomputed layer has them at hand).
     pub keep_norms: bool,
+    /// How the linears' backward computes the adapters' `g'` and `dB` ([`linear::LoraPass`]):
+    /// `Auto` by default; `FSDP_LORA_PASS=cublas` (or `always`, `portable`) in the
+    /// environment changes the default, to compare.
+    pub lora_pass: linear::LoraPass,
 }
 
 /// Where the last micro-step and optimizer step spent their time ([`RuntimeOptions::profile`]):
@@ -739,7 +743,13 @@ impl RuntimeOptions {
         let head_budget = 512 << 20;
         let fused_lora = std::env::var("FSDP_FUSED_LORA").map_or(true, |v| v != "0");
         let keep_norms = std::env::var("FSDP_KEEP_NORMS").map_or(true, |v| v != "0");
-        RuntimeOptions { head_budget, checkpointing, profile: false, fused_lora, keep_norms }
+        let lora_pass = match std::env::var("FSDP_LORA_PASS").as_deref() {
+            Ok("cublas") => linear::LoraPass::Cublas,
+            Ok("always") => linear::LoraPass::Always,
+            Ok("portable") => linear::LoraPass::Portable,
+            _ => linear::LoraPass::Auto,
+        };
+        RuntimeOptions { head_budget, checkpointing, profile: false, fused_lora, keep_norms, lora_pass }
     }
 }
 
@@ -1002,6 +1012,8 @@ impl GpuTrainer {
     pub fn micro_step(&mut self, m: &GpuModel, b: &Batch, targets: &[i64], normalizer: f64) -> Result<f64> {
         check_batch(m, b, targets)?;
         m.gpu().bind()?;
+        // The linears read it per thread; this micro-step runs on this one.
+        linear::set_lora_pass(self.options.lora_pass);
         // This micro-step's LoRA dropout: the CPU Trainer's seeds for (step, micro-batch).
         self.lora.dropout = StepDropout::new(self.lora.config.dropout, self.config.dropout_seed, self.step, self.lora.accumulated);
         self.ensure_buffers(m, b.tokens())?;
