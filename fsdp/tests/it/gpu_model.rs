@@ -9,7 +9,7 @@ use fsdp::gpu::Dtype;
 use fsdp::optim::{AdamWConfig, Schedule};
 use fsdp::rng::Rng;
 use fsdp::train::{MicroBatch, TrainConfig, Trainer};
-use fsdp::{BaseFormat, Llama, Lora, LoraConfig, Proj};
+use fsdp::{BaseFormat, Batch, Llama, Lora, LoraConfig, Proj};
 
 use super::common::{batch, config, lora_nonzero};
 
@@ -32,6 +32,20 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 
 fn train_config() -> TrainConfig {
     TrainConfig { adamw: AdamWConfig::default(), schedule: Schedule::constant(2e-3), max_grad_norm: Some(1.0), dropout_seed: 0 }
+}
+
+/// A random Llama (`GPU_LLAMA` with `layers` layers) on the GPU in `dtype`, non-zero adapters
+/// (r 8, alpha 16), and one 2 x 45-token batch with its next-token targets: the model from
+/// the seed `Rng::fresh(name)` prints, the batch from that seed `^ salt`.
+fn small_llama(gpu: &cudakit::Gpu, name: &str, layers: usize, dtype: Dtype, salt: u64) -> (Lora, Batch, Vec<i64>, GpuModel) {
+    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, &format!(r#""num_hidden_layers":{layers}"#)));
+    let seed = nf4::testing::Rng::fresh(name).next_u64();
+    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
+    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
+    let mut r = Rng::new(seed ^ salt);
+    let b = batch(&mut r, c.vocab_size, 2, 45);
+    let t = b.next_token_targets();
+    (lora, b, t, GpuModel::upload(gpu, &model, dtype).unwrap())
 }
 
 /// One micro-step's loss and gradients on the GPU vs the CPU, then 5 optimizer steps.
@@ -150,14 +164,7 @@ fn fused_and_separate_adapters_agree() {
     // f16: its rounding noise (about 4e-3 relative on these gradients, against 3.5e-2 in
     // bf16, on either path vs the CPU) lets the comparison be tight.
     let dtype = Dtype::F16;
-    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":3"#));
-    let seed = nf4::testing::Rng::fresh("gpu_model_fused").next_u64();
-    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
-    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
-    let mut r = Rng::new(seed ^ 3);
-    let b = batch(&mut r, c.vocab_size, 2, 45);
-    let t = b.next_token_targets();
-    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let (lora, b, t, gm) = small_llama(&gpu, "gpu_model_fused", 3, dtype, 3);
     for mode in [Checkpointing::Off, Checkpointing::On, Checkpointing::Offload] {
         let run = |fused: bool| {
             let o = RuntimeOptions { checkpointing: mode, fused_lora: fused, ..Default::default() };
@@ -188,14 +195,7 @@ fn fused_and_separate_adapters_agree() {
 fn kept_norm_outputs_change_no_bits() {
     let Some(gpu) = gpu_or_skip("gpu_model_keep_norms") else { return };
     let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
-    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":3"#));
-    let seed = nf4::testing::Rng::fresh("gpu_model_keep_norms").next_u64();
-    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
-    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
-    let mut r = Rng::new(seed ^ 7);
-    let b = batch(&mut r, c.vocab_size, 2, 45);
-    let t = b.next_token_targets();
-    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let (lora, b, t, gm) = small_llama(&gpu, "gpu_model_keep_norms", 3, dtype, 7);
     for fused in [true, false] {
         let run = |keep_norms: bool| {
             let o = RuntimeOptions { fused_lora: fused, keep_norms, ..Default::default() };
@@ -247,14 +247,7 @@ fn bad_inputs_are_errors() {
 fn checkpointing_and_offload_match_no_checkpointing() {
     let Some(gpu) = gpu_or_skip("gpu_model_checkpointing") else { return };
     let dtype = if gpu.info().arch.major >= 8 { Dtype::Bf16 } else { Dtype::F16 };
-    let c = config(&GPU_LLAMA.replace(r#""num_hidden_layers":2"#, r#""num_hidden_layers":5"#));
-    let seed = nf4::testing::Rng::fresh("gpu_model_checkpointing").next_u64();
-    let model = Llama::random(c.clone(), seed, &BaseFormat::default()).unwrap();
-    let lora = lora_nonzero(&model, LoraConfig::new(8, 16.0), seed);
-    let mut r = Rng::new(seed ^ 5);
-    let b = batch(&mut r, c.vocab_size, 2, 45);
-    let t = b.next_token_targets();
-    let gm = GpuModel::upload(&gpu, &model, dtype).unwrap();
+    let (lora, b, t, gm) = small_llama(&gpu, "gpu_model_checkpointing", 5, dtype, 5);
     let run = |mode: Checkpointing| {
         let o = RuntimeOptions { checkpointing: mode, ..Default::default() };
         let mut g = GpuTrainer::new(&gm, &lora, train_config(), o).unwrap();
