@@ -406,6 +406,26 @@ DEV void load_tile(u32 s, const u16* g, i64 ld, int row0, int rows, int tid) {
     }
 }
 
+// The (sequence, head, query block) a forward CTA owns, for blockIdx.x over query blocks x
+// (sequences x heads): heaviest (last) query blocks first; kg is the head's KV group.
+struct FwdBlock {
+    int seq, h, kg, m0;
+    i64 tok0;
+};
+DEV FwdBlock fwd_block(int L, int heads, int kvh, int seqs, int BM) {
+    const int nmb = (L + BM - 1) / BM;
+    const int hs_count = heads * seqs;
+    const int mb = nmb - 1 - (int)(blockIdx.x / hs_count);
+    const int hs = (int)(blockIdx.x % hs_count);
+    FwdBlock b;
+    b.seq = hs / heads;
+    b.h = hs % heads;
+    b.kg = b.h / (heads / kvh);
+    b.m0 = mb * BM;
+    b.tok0 = (i64)b.seq * L;
+    return b;
+}
+
 // Forward: a CTA of NW warps owns BM = 16*MT*NW query rows of one (head, sequence); each warp
 // owns 16*MT rows as MT m16 tiles that share every K/V fragment the warp loads (MT = 2 halves
 // the shared-memory reads per tensor-core op, which bound the MT = 1 kernel). The CTA walks
@@ -430,16 +450,12 @@ DEV void fwd_tc(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
     __shared__ int s_lo;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
-    const int nmb = (L + BM - 1) / BM;
-    const int hs_count = heads * seqs;
-    const int mb = nmb - 1 - (int)(blockIdx.x / hs_count);  // heaviest (last) blocks first
-    const int hs = (int)(blockIdx.x % hs_count);
-    const int seq = hs / heads, h = hs % heads, kg = h / (heads / kvh);
-    const int m0 = mb * BM;
-    const i64 tok0 = (i64)seq * L;
+    const FwdBlock fb = fwd_block(L, heads, kvh, seqs, BM);
+    const int seq = fb.seq, h = fb.h, m0 = fb.m0;
+    const i64 tok0 = fb.tok0;
     const u16* qb = q + tok0 * ldq + (i64)h * D;
-    const u16* kb = k + tok0 * ldk + (i64)kg * D;
-    const u16* vb = v + tok0 * ldv + (i64)kg * D;
+    const u16* kb = k + tok0 * ldk + (i64)fb.kg * D;
+    const u16* vb = v + tok0 * ldv + (i64)fb.kg * D;
     const u32* db = docs ? docs + tok0 : nullptr;
     const int n_hi = (min(m0 + BM, L) - 1) / BN;
 
@@ -1057,16 +1073,12 @@ DEV void fwd_wg(const u16* __restrict__ q, i64 ldq, const u16* __restrict__ k, i
     const u32* sKd = (const u32*)(attn_smem + (sKda - raw));
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, t4 = lane & 3;
-    const int nmb = (L + BM - 1) / BM;
-    const int hs_count = heads * seqs;
-    const int mb = nmb - 1 - (int)(blockIdx.x / hs_count);  // heaviest (last) blocks first
-    const int hs = (int)(blockIdx.x % hs_count);
-    const int seq = hs / heads, h = hs % heads, kg = h / (heads / kvh);
-    const int m0 = mb * BM;
-    const i64 tok0 = (i64)seq * L;
+    const FwdBlock fb = fwd_block(L, heads, kvh, seqs, BM);
+    const int seq = fb.seq, h = fb.h, m0 = fb.m0;
+    const i64 tok0 = fb.tok0;
     const u16* qb = q + tok0 * ldq + (i64)h * D;
-    const u16* kb = k + tok0 * ldk + (i64)kg * D;
-    const u16* vb = v + tok0 * ldv + (i64)kg * D;
+    const u16* kb = k + tok0 * ldk + (i64)fb.kg * D;
+    const u16* vb = v + tok0 * ldv + (i64)fb.kg * D;
     const u32* db = docs ? docs + tok0 : nullptr;
     const int n_hi = (min(m0 + BM, L) - 1) / BN;
 
