@@ -502,25 +502,37 @@ pub unsafe fn launch_loss(loss: &Loss, spec: Spec, a: &LossArgs, stream: drv::CU
         launch(k, grid, spec.block, smem as u32, stream, &mut args)?;
         return Ok(());
     }
+    let mut attr = cluster_attribute(cluster);
+    let cfg = cluster_config(grid, spec.block, smem, stream, &mut attr);
+    drv_ok("cuLaunchKernelEx", drv::cuLaunchKernelEx(&cfg, k.0, args.as_mut_ptr(), std::ptr::null_mut()))
+}
+
+/// The launch attribute that groups `cluster` consecutive blocks into a thread-block cluster.
+fn cluster_attribute(cluster: u32) -> drv::CUlaunchAttribute {
     // SAFETY (of the zeroed value): a plain C union/struct of integers and pointers.
-    let mut attr: drv::CUlaunchAttribute = std::mem::zeroed();
+    let mut attr: drv::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
     attr.value.clusterDim.x = cluster;
     attr.value.clusterDim.y = 1;
     attr.value.clusterDim.z = 1;
-    let cfg = drv::CUlaunchConfig {
+    attr
+}
+
+/// A 1-D launch of `grid` blocks of `block` threads with `smem` dynamic shared bytes and
+/// the cluster attribute `attr` (which must outlive the configuration's use).
+fn cluster_config(grid: u32, block: u32, smem: usize, stream: drv::CUstream, attr: &mut drv::CUlaunchAttribute) -> drv::CUlaunchConfig {
+    drv::CUlaunchConfig {
         gridDimX: grid,
         gridDimY: 1,
         gridDimZ: 1,
-        blockDimX: spec.block,
+        blockDimX: block,
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: smem as u32,
         hStream: stream,
-        attrs: &mut attr,
+        attrs: attr,
         numAttrs: 1,
-    };
-    drv_ok("cuLaunchKernelEx", drv::cuLaunchKernelEx(&cfg, k.0, args.as_mut_ptr(), std::ptr::null_mut()))
+    }
 }
 
 /// How many clusters of `spec` can be resident at once on the device (0: the launch
@@ -540,24 +552,8 @@ pub fn resident_clusters(loss: &Loss, spec: Spec) -> Result<u32, Error> {
             drv::cuFuncSetAttribute(k.0, drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         })?;
     }
-    // SAFETY (of the zeroed value): a plain C union/struct of integers and pointers.
-    let mut attr: drv::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim.x = spec.cluster.max(1);
-    attr.value.clusterDim.y = 1;
-    attr.value.clusterDim.z = 1;
-    let cfg = drv::CUlaunchConfig {
-        gridDimX: spec.cluster.max(1) * 1024,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: spec.block,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem as u32,
-        hStream: std::ptr::null_mut(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
+    let mut attr = cluster_attribute(spec.cluster.max(1));
+    let cfg = cluster_config(spec.cluster.max(1) * 1024, spec.block, smem, std::ptr::null_mut(), &mut attr);
     let mut n = 0i32;
     // SAFETY: out-pointer to a local; `cfg` points at a live attribute.
     drv_ok("cuOccupancyMaxActiveClusters", unsafe { drv::cuOccupancyMaxActiveClusters(&mut n, k.0, &cfg) })?;
