@@ -48,6 +48,9 @@ impl QuantType {
 }
 
 /// NF4 code values (bitsandbytes' `nf4_dequantization_lut`, also its `quant_map`).
+// The literals carry bitsandbytes' own digits (more than an f32 holds: each rounds to the
+// f32 bitsandbytes uses), so they can be compared with its source as they stand.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -68,6 +71,7 @@ pub const NF4_CODE: [f32; 16] = [
 ];
 
 /// FP4 magnitudes for the 3 low bits, exactly the f32 literals of bitsandbytes' kernel LUT.
+#[allow(clippy::excessive_precision)] // its digits, as above
 const FP4_MAGNITUDE: [f32; 8] = [0.0, 0.005_208_333_333, 0.666_666_67, 1.0, 0.333_333_33, 0.5, 0.166_666_67, 0.25];
 
 /// FP4 code values: the high bit is the sign. bitsandbytes computes `lut[c & 7] * (1 - 2*s)`,
