@@ -49,6 +49,12 @@ enum Cmd {
     /// Exit status 3 when no GPU can be opened (nothing measured): `cargo xtask bench fsdp`
     /// reports that as skipped.
     ///
+    /// To compare the runtime's paths with one binary, the environment changes its defaults
+    /// (for `bench` and `train` alike): `FSDP_FUSED_LORA=0` (adapters in GEMMs of their own),
+    /// `FSDP_KEEP_NORMS=0` (without checkpointing, recompute the norm outputs instead of
+    /// keeping them: 1.1 GB less at the default shape), `FSDP_LORA_PASS=cublas` (the
+    /// adapters' backward as cuBLAS GEMMs instead of one pass over dy).
+    ///
     /// Example: `qlora bench --checkpointing off,on,offload --phases --json bench.json`
     Bench(BenchArgs),
 }
