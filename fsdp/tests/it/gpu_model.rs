@@ -48,6 +48,15 @@ fn small_llama(gpu: &cudakit::Gpu, name: &str, layers: usize, dtype: Dtype, salt
     (lora, b, t, GpuModel::upload(gpu, &model, dtype).unwrap())
 }
 
+/// One micro-step (normaliser 90) from zeroed gradients with options `o`: its loss, the
+/// adapters' gradients and the memory the trainer holds.
+fn one_micro_step(gm: &GpuModel, lora: &Lora, b: &Batch, t: &[i64], o: RuntimeOptions) -> (f64, Lora, fsdp::gpu::model::Memory) {
+    let mut g = GpuTrainer::new(gm, lora, train_config(), o).unwrap();
+    g.zero_grads(gm).unwrap();
+    let loss = g.micro_step(gm, b, t, 90.0).unwrap();
+    (loss, g.lora.download_grads(gm.gpu()).unwrap(), g.memory(gm))
+}
+
 /// One micro-step's loss and gradients on the GPU vs the CPU, then 5 optimizer steps.
 fn check(json: &str, dtype: Dtype, seqs: usize, len: usize, targets: &[Proj]) {
     check_with(json, dtype, seqs, len, targets, 0.0, 1);
@@ -167,11 +176,7 @@ fn fused_and_separate_adapters_agree() {
     let (lora, b, t, gm) = small_llama(&gpu, "gpu_model_fused", 3, dtype, 3);
     for mode in [Checkpointing::Off, Checkpointing::On, Checkpointing::Offload] {
         let run = |fused: bool| {
-            let o = RuntimeOptions { checkpointing: mode, fused_lora: fused, ..Default::default() };
-            let mut g = GpuTrainer::new(&gm, &lora, train_config(), o).unwrap();
-            g.zero_grads(&gm).unwrap();
-            let loss = g.micro_step(&gm, &b, &t, 90.0).unwrap();
-            (loss, g.lora.download_grads(gm.gpu()).unwrap(), g.memory(&gm))
+            one_micro_step(&gm, &lora, &b, &t, RuntimeOptions { checkpointing: mode, fused_lora: fused, ..Default::default() })
         };
         let (l0, g0, m0) = run(false);
         let (l1, g1, m1) = run(true);
@@ -198,11 +203,7 @@ fn kept_norm_outputs_change_no_bits() {
     let (lora, b, t, gm) = small_llama(&gpu, "gpu_model_keep_norms", 3, dtype, 7);
     for fused in [true, false] {
         let run = |keep_norms: bool| {
-            let o = RuntimeOptions { fused_lora: fused, keep_norms, ..Default::default() };
-            let mut g = GpuTrainer::new(&gm, &lora, train_config(), o).unwrap();
-            g.zero_grads(&gm).unwrap();
-            let loss = g.micro_step(&gm, &b, &t, 90.0).unwrap();
-            (loss, g.lora.download_grads(gm.gpu()).unwrap(), g.memory(&gm))
+            one_micro_step(&gm, &lora, &b, &t, RuntimeOptions { fused_lora: fused, keep_norms, ..Default::default() })
         };
         let (l0, g0, m0) = run(false);
         let (l1, g1, m1) = run(true);
