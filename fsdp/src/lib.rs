@@ -42,6 +42,10 @@
 //!   (seed, element index) ([`dropout`]), seeded per (step, micro-batch, layer, projection),
 //!   so the GPU's training step is tested against the CPU's with dropout on. Only training
 //!   drops: [`Llama::forward`] and [`Llama::loss`] are the evaluation forward.
+//! - **Out of device memory is [`Error::OutOfMemory`]**: it names what was being allocated
+//!   (the base model, the adapters, or a micro-batch's activations in a checkpointing mode),
+//!   what the run held, the device's free memory and the option that needs less. A failed
+//!   micro-step leaves no buffers behind: the trainer can go on with a smaller batch.
 //!
 //! Not implemented yet: sliding-window attention beyond the window (refused), rsLoRA/DoRA,
 //! sharding across GPUs.

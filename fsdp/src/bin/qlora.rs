@@ -468,7 +468,7 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
     let mut runs = Vec::new();
     for mode in &a.checkpointing {
         let ckpt = Checkpointing::from(*mode);
-        let name = format!("{ckpt:?}").to_lowercase();
+        let name = ckpt.name();
         let tc = if a.model.is_some() {
             // The baselines' optimizer (see --model).
             TrainConfig { adamw: AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 }, schedule: Schedule::constant(2e-4), max_grad_norm: None, dropout_seed: 0 }
@@ -493,7 +493,7 @@ fn bench(a: BenchArgs) -> AnyResult<()> {
             }
         }
         let step_ms = cudakit::timing::median(&mut times.clone());
-        let phases = if a.phases { Some(profile_phases(&mut trainer, &m, &micros, &name)?) } else { None };
+        let phases = if a.phases { Some(profile_phases(&mut trainer, &m, &micros, name)?) } else { None };
         let mem = trainer.memory(&m);
         let (free, total) = cudakit::cudarc::driver::result::mem_get_info().map_err(|e| format!("cuMemGetInfo: {e}"))?;
         let tokens_per_s = t as f64 / (step_ms / 1e3);

@@ -97,6 +97,25 @@ fn nf4_bytes(q: &nf4::Quantized) -> usize {
         }
 }
 
+/// Device bytes of `model`'s frozen weights on the GPU: NF4 projections, everything else
+/// in a 16-bit dtype.
+fn weight_bytes(model: &Llama) -> usize {
+    let b16 = |v: &[f32]| v.len() * 2;
+    let mut bytes = b16(&model.embed) + model.lm_head.as_deref().map_or(0, b16) + b16(&model.norm);
+    for w in &model.layers {
+        bytes += b16(&w.input_norm) + b16(&w.post_norm);
+        for lin in &w.proj {
+            bytes += lin.bias.as_deref().map_or(0, b16) + lin.nf4.as_ref().map_or(0, nf4_bytes);
+        }
+    }
+    bytes
+}
+
+/// The device's free and total memory, when the driver tells.
+fn device_memory(gpu: &Gpu) -> Option<(usize, usize)> {
+    gpu.ctx().mem_get_info().ok()
+}
+
 fn gpu_err(what: &'static str) -> impl Fn(cudakit::cudarc::driver::DriverError) -> Error {
     move |e| Error::Gpu(GpuError::driver(what)(e))
 }
@@ -184,7 +203,22 @@ impl GpuModel {
     /// Uploads `model` (which must hold NF4 projections: [`crate::BaseFormat::Nf4`]) to
     /// `gpu`, converting the unquantized tensors to `dtype` (`Bf16`, or `F16` on GPUs
     /// without bf16).
+    ///
+    /// Running out of device memory is an [`Error::OutOfMemory`] that gives the weights'
+    /// size and the device's free memory.
     pub fn upload(gpu: &Gpu, model: &Llama, dtype: Dtype) -> Result<GpuModel> {
+        let bytes = weight_bytes(model);
+        Self::upload_weights(gpu, model, dtype, bytes).map_err(|e| {
+            e.naming_out_of_memory(
+                || format!("the frozen base model ({:.2} GB: NF4 projections, the rest in {})", bytes as f64 / 1e9, dtype.name()),
+                0,
+                device_memory(gpu),
+                "The base model alone does not fit this device: free memory held by other processes, or use a larger device.",
+            )
+        })
+    }
+
+    fn upload_weights(gpu: &Gpu, model: &Llama, dtype: Dtype, bytes: usize) -> Result<GpuModel> {
         if dtype == Dtype::F32 {
             return Err(Error::arg("dtype", "the GPU runtime computes in bf16 or f16"));
         }
@@ -193,13 +227,11 @@ impl GpuModel {
         }
         gpu.bind()?;
         let s = gpu.stream();
-        let mut bytes = 0usize;
-        let mut up16 = |v: &[f32]| -> Result<CudaSlice<u16>> {
-            bytes += v.len() * 2;
+        let up16 = |v: &[f32]| -> Result<CudaSlice<u16>> {
             s.clone_htod(&v.iter().map(|&x| dtype.to_bits16(x)).collect::<Vec<_>>()).map_err(gpu_err("cuMemcpyHtoD"))
         };
         let embed = up16(&model.embed)?;
-        let lm_head = model.lm_head.as_deref().map(&mut up16).transpose()?;
+        let lm_head = model.lm_head.as_deref().map(up16).transpose()?;
         let norm = up16(&model.norm)?;
         let mut layers = Vec::with_capacity(model.layers.len());
         for (l, w) in model.layers.iter().enumerate() {
@@ -214,12 +246,9 @@ impl GpuModel {
                     Error::arg("model", format!("`{name}` is not NF4: the GPU runtime needs the model built with BaseFormat::Nf4"))
                 })?;
                 proj.push(nf4::GpuQuantized::upload(gpu, &name, q)?);
-                bias.push(lin.bias.as_deref().map(&mut up16).transpose()?);
+                bias.push(lin.bias.as_deref().map(up16).transpose()?);
             }
             layers.push(GpuLayer { input_norm, post_norm, proj, bias });
-        }
-        for w in &model.layers {
-            bytes += w.proj.iter().filter_map(|lin| lin.nf4.as_ref()).map(nf4_bytes).sum::<usize>();
         }
         Ok(GpuModel {
             gpu: gpu.clone(),
@@ -365,6 +394,17 @@ pub enum Checkpointing {
     /// backward, on a second stream (overlapped with compute); the recomputation then skips
     /// the attention forward.
     Offload,
+}
+
+impl Checkpointing {
+    /// Its name in lower case, as `qlora --checkpointing` spells it: `off`, `on`, `offload`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpointing::Off => "off",
+            Checkpointing::On => "on",
+            Checkpointing::Offload => "offload",
+        }
+    }
 }
 
 /// What one layer's forward keeps for its backward (its input `x` is held apart: see
@@ -843,8 +883,16 @@ impl GpuTrainer {
         crate::model::check_lora(&model.config, lora)?;
         let gpu = model.gpu();
         gpu.bind()?;
-        let blas = cudakit::blas::Blas::on(gpu, 32 << 20)?;
-        let lora = GpuLora::upload(gpu, &model.config, lora, model.dtype)?;
+        let named = |e: Error| {
+            e.naming_out_of_memory(
+                || format!("the adapters with their gradients and optimizer state ({} parameters) and cuBLAS's workspace", lora.num_params()),
+                model.weight_bytes,
+                device_memory(gpu),
+                "The base model fits but little is left: free memory held by other processes, or use a smaller rank or fewer target modules.",
+            )
+        };
+        let blas = cudakit::blas::Blas::on(gpu, 32 << 20).map_err(|e| named(e.into()))?;
+        let lora = GpuLora::upload(gpu, &model.config, lora, model.dtype).map_err(named)?;
         Ok(GpuTrainer { lora, config, step: 0, options, blas, bufs: None, phases: PhaseEvents::default() })
     }
 
@@ -878,6 +926,9 @@ impl GpuTrainer {
         Memory { weights: model.weight_bytes, adapters: self.lora.bytes, activations, scratch, host }
     }
 
+    /// Sizes the activation and scratch buffers for micro-batches of `tokens` tokens (kept
+    /// when they are large enough). Out of memory, it leaves none allocated and says which
+    /// option would need less.
     fn ensure_buffers(&mut self, m: &GpuModel, tokens: usize) -> Result<()> {
         let mode = self.options.checkpointing;
         let keep_norms = mode == Checkpointing::Off && self.options.keep_norms;
@@ -885,6 +936,23 @@ impl GpuTrainer {
             return Ok(());
         }
         self.bufs = None; // free the old ones first
+        self.allocate_buffers(m, tokens, mode, keep_norms).map_err(|e| {
+            let fewer = "fewer tokens per micro-batch (qlora: --batch or --seq-len, with --grad-accum to keep the tokens per step)";
+            let hint = match mode {
+                Checkpointing::Off => format!("Activation checkpointing keeps one layer's activations instead of all (qlora: --checkpointing on, or offload for the least memory); or {fewer}."),
+                Checkpointing::On => format!("Checkpointing with offload keeps the layer inputs in host memory (qlora: --checkpointing offload); or {fewer}."),
+                Checkpointing::Offload => format!("Use {fewer}."),
+            };
+            e.naming_out_of_memory(
+                || format!("the activations and scratch of a {tokens}-token micro-batch (checkpointing {})", mode.name()),
+                m.weight_bytes + self.lora.bytes,
+                device_memory(m.gpu()),
+                &hint,
+            )
+        })
+    }
+
+    fn allocate_buffers(&mut self, m: &GpuModel, tokens: usize, mode: Checkpointing, keep_norms: bool) -> Result<()> {
         let c = &m.config;
         let s = m.gpu().stream();
         let k = Dims::new(m, tokens);
