@@ -208,8 +208,8 @@ fn check<T: Elem>(c: &Case, d: &Data, bias: bool, reduction: Reduction, chunks: 
         d2 = Data { token: d.token.clone(), targets: d.targets.clone(), x: vec![], w: vec![], b: vec![], tx: vec![], tw: vec![], grad_tokens: d.grad_tokens.clone(), class: d.class.clone(), ..*d };
         let mut rng = Rng::fresh("policy offsets");
         let mut logps = vec![0f32; d.t];
-        for t in 0..d.t {
-            let Ok(tg) = usize::try_from(d.targets[t]) else { continue };
+        for (t, (lp, &target)) in logps.iter_mut().zip(&d.targets).enumerate() {
+            let Ok(tg) = usize::try_from(target) else { continue };
             let z: Vec<f64> = (0..d.v)
                 .map(|j| {
                     let s: f64 = (0..d.h).map(|k| f64::from(ty.x[t * d.h + k].to_f32()) * f64::from(ty.w[j * d.h + k].to_f32())).sum();
@@ -218,7 +218,7 @@ fn check<T: Elem>(c: &Case, d: &Data, bias: bool, reduction: Reduction, chunks: 
                 .collect();
             let m = z.iter().copied().fold(f64::MIN, f64::max);
             let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-            logps[t] = (z[tg] - lse) as f32;
+            *lp = (z[tg] - lse) as f32;
         }
         for (name, vals) in d2.token.iter_mut() {
             for (val, &lp) in vals.iter_mut().zip(&logps) {
