@@ -105,16 +105,16 @@ pub fn gpu_bundle(parts: &[Part]) -> Result<()> {
     }
     if core {
         run(cargo().args(["build", "--release", "-p", "nf4", "--lib", "--bins", "--examples"]))?;
-        copy(&root.join("target/release/libnf4.so"), &b.join("lib/libnf4.so"))?;
-        copy(&root.join("target/release/nf4-bench"), &b.join("bin/nf4-bench"))?;
-        copy(&root.join("target/release/examples/interop"), &b.join("bin/interop"))?;
+        copy(&crate::target_dir().join("release/libnf4.so"), &b.join("lib/libnf4.so"))?;
+        copy(&crate::target_dir().join("release/nf4-bench"), &b.join("bin/nf4-bench"))?;
+        copy(&crate::target_dir().join("release/examples/interop"), &b.join("bin/interop"))?;
     }
     // memlinear: its C ABI library and bench binary, once the crate exists.
     let memlinear = root.join("memlinear/Cargo.toml").exists();
     if core && memlinear {
         run(cargo().args(["build", "--release", "-p", "memlinear", "--lib", "--bins"]))?;
-        copy(&root.join("target/release/libmemlinear.so"), &b.join("lib/libmemlinear.so"))?;
-        let bench = root.join("target/release/memlinear-bench");
+        copy(&crate::target_dir().join("release/libmemlinear.so"), &b.join("lib/libmemlinear.so"))?;
+        let bench = crate::target_dir().join("release/memlinear-bench");
         if bench.exists() {
             copy(&bench, &b.join("bin/memlinear-bench"))?;
         }
@@ -125,7 +125,7 @@ pub fn gpu_bundle(parts: &[Part]) -> Result<()> {
     // fsdp: the `qlora` command (its `bench` is the training benchmark).
     if fsdp {
         run(cargo().args(["build", "--release", "-p", "fsdp", "--bins"]))?;
-        copy(&root.join("target/release/qlora"), &b.join("bin/qlora"))?;
+        copy(&crate::target_dir().join("release/qlora"), &b.join("bin/qlora"))?;
     }
 
     // Test executables: `cargo test --no-run` prints their paths as JSON messages.
@@ -164,7 +164,7 @@ pub fn gpu_bundle(parts: &[Part]) -> Result<()> {
     }
 
     // A slim bitsandbytes (both parts): Python files and the CUDA 13.0 library only (~5 MB of 43).
-    let cache = root.join("target/wheels");
+    let cache = crate::target_dir().join("wheels");
     std::fs::create_dir_all(&cache)?;
     let py = b.join("py");
     extract(&wheel(&cache, BNB, "bitsandbytes-0.50.2")?, &py, &["bitsandbytes/"], &[".py", "py.typed", "_cuda130.so", "_cpu.so"])?;

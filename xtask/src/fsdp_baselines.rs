@@ -111,7 +111,7 @@ fn wheel(cache: &Path, pin: &Pin) -> Result<PathBuf> {
 
 /// Adds the `fsdp-baselines` files to `bundle` (its `py/` folder must exist).
 pub fn bundle(root: &Path, bundle: &Path) -> Result<()> {
-    let cache = root.join("target/wheels");
+    let cache = crate::target_dir().join("wheels");
     std::fs::create_dir_all(&cache)?;
     let py = bundle.join("py");
     let mut args = vec![];

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, target_dir};
 
 /// The baseline modes of `run.sh fsdp-baselines`: (implementation, checkpointing).
 const BASELINES: [(&str, &str); 3] = [("unsloth", "none"), ("unsloth", "unsloth-offload"), ("hf", "on")];
@@ -21,7 +21,7 @@ pub fn bench(results: &Path, skipped: &mut Vec<String>) -> Result<()> {
     run(cargo().args(["build", "--release", "--quiet", "-p", "fsdp", "--bin", "qlora"]))?;
     // stdout (the results) is shown as it comes; stderr (progress, or why it skipped) is
     // kept to quote.
-    let out = Command::new(root().join("target/release/qlora"))
+    let out = Command::new(target_dir().join("release/qlora"))
         .args(["bench", "--checkpointing", "off,on,offload", "--phases", "--json"])
         .arg(results.join("fsdp-gpu-ours.json"))
         .stdout(std::process::Stdio::inherit())
@@ -46,7 +46,7 @@ pub fn bench(results: &Path, skipped: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     let script = root().join("fsdp/py/bench_baselines.py");
-    let model = root().join("target/fsdp-baselines/llama-3.2-1b-random");
+    let model = target_dir().join("fsdp-baselines/llama-3.2-1b-random");
     println!("== fsdp baselines: building the random model folder");
     run(Command::new("python3").arg(&script).args(["--build-only", "--model-dir"]).arg(&model))?;
     for (imp, ckpt) in BASELINES {

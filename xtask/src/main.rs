@@ -77,6 +77,22 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
+/// The build's target directory as cargo resolves it (`CARGO_TARGET_DIR`,
+/// `build.target-dir`, else `<root>/target`): where the release binaries that the suites
+/// run are built, and where xtask keeps its caches and scratch.
+fn target_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = cargo().args(["metadata", "--no-deps", "--format-version", "1"]).output();
+        out.ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["target_directory"].as_str().map(PathBuf::from))
+            .unwrap_or_else(|| root().join("target"))
+    })
+    .clone()
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -137,7 +153,7 @@ fn bench(args: &[String]) -> Result<()> {
         if root().join("memlinear/Cargo.toml").exists() {
             println!("== memlinear: CPU chunked linear + loss");
             run(cargo().args(["build", "--release", "--quiet", "-p", "memlinear", "--bin", "memlinear-bench"]))?;
-            run(Command::new(root().join("target/release/memlinear-bench"))
+            run(Command::new(target_dir().join("release/memlinear-bench"))
                 .args(["cpu", "--json"])
                 .arg(results.join("memlinear-cpu.json")))?;
         }
@@ -154,7 +170,7 @@ fn bench(args: &[String]) -> Result<()> {
         return finish(&results, &skipped);
     }
     run(cargo().args(["build", "--release", "--quiet", "-p", "nf4", "--bin", "nf4-bench"]))?;
-    let exe = root().join("target/release/nf4-bench");
+    let exe = target_dir().join("release/nf4-bench");
 
     println!("== nf4: CPU dequantize/quantize throughput");
     run(Command::new(&exe).args(["cpu", "--json"]).arg(results.join("nf4-cpu.json")))?;
@@ -184,7 +200,7 @@ fn bench(args: &[String]) -> Result<()> {
                 run(Command::new("python3")
                     .env("PYTHONPATH", &py)
                     .arg(root().join("nf4/py/bench_dequant.py"))
-                    .arg(root().join("target/release/libnf4.so"))
+                    .arg(target_dir().join("release/libnf4.so"))
                     .arg(results.join("nf4-gpu-vs-bnb.json")))?;
             }
             _ => skipped.push(

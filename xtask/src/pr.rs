@@ -13,7 +13,7 @@ use issue_fixes::token::{Token, TOKEN_VAR};
 use issue_fixes::verify::{self, Machine, Manifest, Report};
 use issue_fixes::{registry, Status, PINNED};
 
-use crate::{root, run};
+use crate::{root, run, target_dir};
 
 /// `cargo xtask pr --help`.
 const HELP: &str = "\
@@ -83,7 +83,7 @@ pub fn pr(args: &[String]) -> Result<()> {
     let python = std::env::var("QLORA_KIT_PYTHON").ok().filter(|p| !p.trim().is_empty());
     let places = Places {
         patches: root().join("issue-fixes/patches"),
-        out: root().join("target/pr"),
+        out: target_dir().join("pr"),
         repo: root(),
         machine: Machine::detect(python),
     };
@@ -240,7 +240,7 @@ fn apply_verify_draft(b: &issue_fixes::Bounty, dir: &Path, opts: &SlugOptions, p
             p.clone()
         }
         None => {
-            let repo = root().join(format!("target/pr-upstream/unsloth-{PINNED}"));
+            let repo = target_dir().join(format!("pr-upstream/unsloth-{PINNED}"));
             repo_from_release(&pinned_release()?, &repo, PINNED)?;
             repo
         }
@@ -399,8 +399,8 @@ fn list() -> Result<()> {
 /// The pinned wheels' import packages, downloaded from PyPI and extracted once, under
 /// target/upstream/<version>.
 fn pinned_release() -> Result<PathBuf> {
-    let wheels = root().join("target/wheels");
-    let dest = root().join(format!("target/upstream/{PINNED}"));
+    let wheels = target_dir().join("wheels");
+    let dest = target_dir().join(format!("upstream/{PINNED}"));
     std::fs::create_dir_all(&wheels)?;
     for pkg in ["unsloth", "unsloth_zoo"] {
         let have = std::fs::read_dir(&wheels)?

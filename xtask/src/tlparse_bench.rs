@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, target_dir};
 
 const TLPARSE: &str = "tlparse==0.4.3";
 const TARGET_BYTES: u64 = 100 << 20;
@@ -32,7 +32,7 @@ fn big_trace(dir: &Path) -> Result<PathBuf> {
 }
 
 fn tlparse_exe() -> Option<PathBuf> {
-    let tools = root().join("target/tools");
+    let tools = target_dir().join("tools");
     let exe = tools.join("bin/tlparse");
     if !exe.exists() {
         let ok = Command::new("python3")
@@ -82,11 +82,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn bench(results: &Path, skipped: &mut Vec<String>) -> Result<()> {
     run(cargo().args(["build", "--release", "--quiet", "-p", "compile-audit"]))?;
-    let dir = root().join("target/bench");
+    let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let input = big_trace(&dir)?;
     let bytes = input.metadata()?.len();
-    let ours = root().join("target/release/compile-audit");
+    let ours = target_dir().join("release/compile-audit");
     let Some(tl) = tlparse_exe() else {
         skipped.push(format!("compile-audit vs tlparse: could not install {TLPARSE} from PyPI into target/tools"));
         return Ok(());
